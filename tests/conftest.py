@@ -1,0 +1,71 @@
+"""Shared fixtures: small synthetic climbmix-format shards, a tokenizer trained on them, and the
+real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA)."""
+
+import os
+import random
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import prepare  # noqa: E402
+
+
+def sample_data_dir():
+    """The real-text climbmix-format sample, if present: .ci/run points AUTORESEARCH_SAMPLE_DATA at it."""
+    path = os.environ.get("AUTORESEARCH_SAMPLE_DATA") or os.path.join(ROOT, "..", "shared", "data", "climbmix-sample")
+    return path if os.path.exists(os.path.join(path, prepare.shard_name(prepare.VAL_SHARD))) else None
+
+
+def synthetic_documents(n_docs, seed):
+    """Pseudo-English documents: a Zipf-ish vocabulary of made-up words, punctuation, digits and
+    some non-ASCII, varied lengths (a few long ones, so rows need cropping)."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "tra", "ne", "sho", "vu", "pe", "ri", "dan", "el", "or", "qui", "zé", "ün", "st", "ph", "y"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
+    weights = [1.0 / (i + 1) for i in range(len(words))]
+    docs = []
+    for _ in range(n_docs):
+        n = rng.choice([rng.randint(3, 60), rng.randint(60, 400), rng.randint(400, 1500)])
+        ws = rng.choices(words, weights, k=n)
+        text = " ".join(w.capitalize() if rng.random() < 0.08 else w for w in ws)
+        text = text.replace(" ka ", f" {rng.randint(0, 9999)}, ").replace(" lo ", ". ") + "."
+        docs.append(text)
+    return docs
+
+
+def write_shard(path, docs, row_group_size=100):
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def make_shards(folder, n_train=3, docs_per_shard=500, val_docs=300, seed=0, row_group_size=100):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n_train):
+        write_shard(os.path.join(folder, prepare.shard_name(i)), synthetic_documents(docs_per_shard, seed + i), row_group_size)
+    write_shard(os.path.join(folder, prepare.shard_name(prepare.VAL_SHARD)), synthetic_documents(val_docs, seed + 999), row_group_size)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A prepared cache (data/ + tokenizer/) from synthetic shards, built with prepare's own code."""
+    root = tmp_path_factory.mktemp("cache")
+    make_shards(str(root / "data"))
+    prepare.train_tokenizer(str(root / "data"), str(root / "tokenizer"))
+    return root
+
+
+@pytest.fixture
+def use_cache(tiny_cache, monkeypatch):
+    """Point prepare's module-level folders at the tiny cache for in-process tests."""
+    monkeypatch.setattr(prepare, "CACHE_DIR", str(tiny_cache))
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tiny_cache / "data"))
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", str(tiny_cache / "tokenizer"))
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tiny_cache / "tokens"))
+    return tiny_cache

@@ -1,0 +1,459 @@
+"""
+autoresearch, the half the agent edits: a GPT trained with Muon for a fixed 5 minutes.
+
+    uv run train.py
+
+Read top to bottom: model, optimizer, hyperparameters, setup, training loop, summary. Anything
+goes here as long as the run ends with the summary block that program.md reads. Data, tokenizer,
+metric and platform plumbing live in prepare.py, which is fixed.
+"""
+
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prepare
+from prepare import Tokenizer, evaluate_bpb, make_dataloader
+
+# ---------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 8192
+    n_layer: int = 8
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 512
+    window_pattern: str = "SSSL"
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # RMSNorm without a learned weight
+
+
+def has_value_embedding(layer_idx, n_layer):
+    return layer_idx % 2 == (n_layer - 1) % 2  # alternating layers, always including the last
+
+
+def apply_rotary(x, cos, sin):
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # value embedding gate: how much of this layer's value embedding to mix in, per head
+        self.ve_gate = nn.Linear(32, self.n_kv_head, bias=False) if has_value_embedding(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, window):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        y = attention(q, k, v, window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # scales the residual stream
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # mixes the embedding back in
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)}
+        )
+        # sliding windows: 'L' sees the whole context, 'S' half of it; the last layer is always 'L'
+        pattern = config.window_pattern * config.n_layer
+        self.windows = [config.sequence_len if c == "L" else config.sequence_len // 2 for c in pattern[: config.n_layer]]
+        self.windows[-1] = config.sequence_len
+        # rotary embeddings, cached for 10x the context so longer inputs still work
+        head_dim = config.n_embd // config.n_head
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(10 * config.sequence_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", freqs.cos().bfloat16()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", freqs.sin().bfloat16()[None, :, None, :], persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        s = 3**0.5 / self.config.n_embd**0.5  # uniform in [-s, s] has std 1/sqrt(n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for w in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(w.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def num_flops_per_token(self):
+        """6 x (matmul parameters) + attention's 12 x heads x head_dim x effective window, per layer."""
+        excluded = self.transformer.wte.weight.numel() + self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        excluded += sum(p.numel() for p in self.value_embeds.parameters())
+        n = sum(p.numel() for p in self.parameters()) - excluded
+        c = self.config
+        head_dim = c.n_embd // c.n_head
+        return 6 * n + sum(12 * c.n_head * head_dim * min(w, c.sequence_len) for w in self.windows)
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        T = idx.size(1)
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.transformer.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.windows[i])
+        logits = self.lm_head(norm(x)).float()
+        logits = 15 * torch.tanh(logits / 15)  # soft cap
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: AdamW for embeddings, lm_head and scalars; Muon for the matrices inside the blocks
+
+POLAR_EXPRESS = [  # (a, b, c) of the five orthogonalization steps
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def adamw_update(p, g, m, v, step, lr, beta1, beta2, eps, wd):
+    """AdamW: decoupled weight decay, moments by lerp, bias correction (as torch.optim.AdamW)."""
+    p.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - beta1)
+    v.lerp_(g.square(), 1 - beta2)
+    denom = (v / (1 - beta2**step)).sqrt() + eps
+    p.sub_(lr / (1 - beta1**step) * (m / denom))
+
+
+def polar_express(g, steps=5):
+    """Approximately orthogonalize each matrix of g (..., rows, cols), in bf16 on GPUs (CPUs
+    emulate bf16 matmuls slowly, so they use float32)."""
+    X = g.bfloat16() if g.is_cuda else g.float()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    tall = X.size(-2) > X.size(-1)
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        if tall:
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * A @ A)
+        else:
+            A = X @ X.mT
+            X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+def muon_update(params, grads, momentum_buf, second_buf, lr, momentum, beta2, wd):
+    """One Muon step for a group of same-shape matrices, stacked: Nesterov momentum, Polar
+    Express, NorMuon per-row (or per-column) normalization, cautious weight decay."""
+    g = torch.stack(grads)
+    momentum_buf.lerp_(g, 1 - momentum)
+    g = g.lerp_(momentum_buf, momentum)
+    X = polar_express(g).float()
+    row_wise = X.size(-2) >= X.size(-1)
+    second_buf.lerp_(X.square().mean(dim=-1 if row_wise else -2, keepdim=True), 1 - beta2)
+    before = X.norm(dim=(-2, -1), keepdim=True)
+    X = X * second_buf.clamp_min(1e-10).rsqrt()
+    X = X * (before / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    P = torch.stack(params)
+    mask = (X * P >= 0).to(P.dtype)  # decay only where the update and the weight agree in sign
+    P = P - lr * X - lr * wd * P * mask
+    for p, new in zip(params, P.unbind(0)):
+        p.copy_(new)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with kind='adamw' take AdamW steps; kind='muon' groups hold same-shape matrices.
+    Hyperparameters that change every step reach the compiled math as device tensors, so that a
+    new value does not trigger a recompilation."""
+
+    def __init__(self, groups, compile_math):
+        super().__init__(groups, {})
+        self.adamw_math = torch.compile(adamw_update, dynamic=False) if compile_math else adamw_update
+        self.muon_math = torch.compile(muon_update, dynamic=False) if compile_math else muon_update
+        for group in self.param_groups:
+            group["initial_lr"] = group["lr"]
+
+    def _scalar(self, group, name, value, device):
+        t = group.setdefault("_" + name, torch.zeros((), device=device))
+        return t.fill_(value)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            dev = params[0].device
+            if group["kind"] == "adamw":
+                lr = self._scalar(group, "lr", group["lr"], dev)
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.zeros((), device=dev)
+                        state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                    state["step"] += 1
+                    beta1, beta2 = group["betas"]
+                    self.adamw_math(p, p.grad, state["m"], state["v"], state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
+            else:
+                state = self.state[params[0]]
+                if not state:
+                    stacked = torch.stack(params).float()
+                    state["momentum"] = torch.zeros_like(stacked)
+                    row_wise = stacked.size(-2) >= stacked.size(-1)
+                    state["second"] = torch.zeros_like(stacked.mean(dim=-1 if row_wise else -2, keepdim=True))
+                rows, cols = params[0].shape
+                lr = self._scalar(group, "lr", group["lr"] * max(1.0, rows / cols) ** 0.5, dev)
+                momentum = self._scalar(group, "momentum", group["momentum"], dev)
+                wd = self._scalar(group, "wd", group["weight_decay"], dev)
+                self.muon_math(params, [p.grad for p in params], state["momentum"], state["second"], lr, momentum, group["beta2"], wd)
+
+
+def build_optimizer(model, compile_math):
+    c = model.config
+    scale = (c.n_embd / 768) ** -0.5  # AdamW learning rates were tuned at width 768
+    block_params = list(model.transformer.h.parameters())
+    by_shape = {}
+    for p in block_params:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    adamw = dict(kind="adamw", eps=1e-10, weight_decay=0.0, betas=ADAM_BETAS)
+    groups = [
+        dict(adamw, params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale),
+        dict(adamw, params=[model.transformer.wte.weight, *model.value_embeds.parameters()], lr=EMBEDDING_LR * scale),
+        dict(adamw, params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
+        dict(adamw, params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
+    ]
+    for shape, params in sorted(by_shape.items()):
+        groups.append(dict(kind="muon", params=params, lr=MATRIX_LR, momentum=0.95, beta2=0.95, weight_decay=WEIGHT_DECAY))
+    return MuonAdamW(groups, compile_math)
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these)
+
+DEPTH = 8  # transformer layers; the width follows from it
+ASPECT_RATIO = 64  # model_dim ~ DEPTH x ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
+HEAD_DIM = 128
+WINDOW_PATTERN = "SSSL"  # per layer, repeating: S = half-context sliding window, L = full context
+TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step
+DEVICE_BATCH_SIZE = 128  # sequences per micro-step; halved automatically if the first step runs out of memory
+EMBEDDING_LR = 0.6
+UNEMBEDDING_LR = 0.004
+MATRIX_LR = 0.04
+SCALAR_LR = 0.5
+WEIGHT_DECAY = 0.2  # Muon's cautious weight decay, ramped down to 0 with progress
+ADAM_BETAS = (0.8, 0.95)
+WARMUP_RATIO = 0.0
+WARMDOWN_RATIO = 0.5
+FINAL_LR_FRAC = 0.0
+
+# ---------------------------------------------------------------------------
+# Setup: from here on the script runs (the tests import only the definitions above this line)
+
+t_start = time.time()
+device = prepare.get_device()
+SEQ_LEN, TIME_BUDGET, notes = prepare.run_settings(device)
+if device.type != "cuda":  # small-machine settings: the GPU ones would take hours per step here
+    DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13
+    notes.append(f"no CUDA: DEPTH={DEPTH} DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE}")
+torch.manual_seed(42)
+torch.set_float32_matmul_precision("high")
+tokenizer = Tokenizer.from_directory()
+attention_name, attention = prepare.select_attention(device, SEQ_LEN)
+
+model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
+config = GPTConfig(
+    sequence_len=SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
+    n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
+)
+with torch.device(device):
+    model = GPT(config)
+model.init_weights()
+if device.type == "cuda":  # embedding tables in bf16, like the activations that read them
+    model.transformer.wte.to(torch.bfloat16)
+    model.value_embeds.to(torch.bfloat16)
+num_params = sum(p.numel() for p in model.parameters())
+flops_per_token = model.num_flops_per_token()
+use_compile = device.type == "cuda"
+optimizer = build_optimizer(model, compile_math=use_compile)
+run_model = torch.compile(model, dynamic=False) if use_compile else model
+
+tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
+if TOTAL_BATCH_SIZE % tokens_per_micro:
+    sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE x SEQ_LEN = {tokens_per_micro}")
+grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
+peak = prepare.peak_flops(device)
+gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+print(f"device: {gpu} | attention: {attention_name} | compile: {use_compile}")
+print(f"model: {DEPTH} layers, width {model_dim}, {config.n_head} heads, {num_params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token")
+print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} | time budget: {TIME_BUDGET}s")
+for note in notes:
+    print(f"NOTE: {note}")
+
+
+def lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO
+    if progress <= 1 - WARMDOWN_RATIO:
+        return 1.0
+    cooldown = (1 - progress) / WARMDOWN_RATIO
+    return cooldown + (1 - cooldown) * FINAL_LR_FRAC
+
+
+def muon_momentum(step):
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def train_step(loader, x, y):
+    """Forward and backward over grad_accum micro-batches; fetches the next batch while the GPU
+    works. Returns (loss of the last micro-batch, next x, next y, epoch)."""
+    for _ in range(grad_accum):
+        with prepare.autocast(device):
+            loss = run_model(x, y)
+        (loss / grad_accum).backward()
+        x, y, epoch = next(loader)
+    return loss.detach(), x, y, epoch
+
+
+# ---------------------------------------------------------------------------
+# Training loop: steps 0-10 compile and warm up, untimed; then train until TIME_BUDGET is spent
+
+train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
+x, y, epoch = next(train_loader)
+step, training_time, smooth_loss = 0, 0.0, 0.0
+while True:
+    prepare.synchronize(device)
+    t0 = time.time()
+    progress = min(training_time / TIME_BUDGET, 1.0)
+    lrm = lr_multiplier(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = muon_momentum(step)
+            group["weight_decay"] = WEIGHT_DECAY * (1 - progress)
+    try:
+        loss, x, y, epoch = train_step(train_loader, x, y)
+    except torch.OutOfMemoryError:
+        if step > 0 or DEVICE_BATCH_SIZE == 1:
+            raise SystemExit(f"FAIL: out of memory at DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE}: make the model or batch smaller")
+        model.zero_grad(set_to_none=True)
+        loss = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        DEVICE_BATCH_SIZE //= 2
+        grad_accum *= 2
+        print(f"out of memory in the first step: retrying with DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} ({grad_accum} micro-steps)")
+        train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
+        x, y, epoch = next(train_loader)
+        continue
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = loss.item()  # waits for the GPU
+    if not math.isfinite(train_loss) or train_loss > 100:
+        print(f"\nFAIL: loss is {train_loss} at step {step}")
+        sys.exit(1)
+    prepare.synchronize(device)
+    dt = time.time() - t0
+    if step > 10:
+        training_time += dt
+    smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+    debiased = smooth_loss / (1 - 0.9 ** (step + 1))
+    tok_per_sec = TOTAL_BATCH_SIZE / dt
+    mfu = f"{100 * flops_per_token * tok_per_sec / peak:.1f}%" if peak else "n/a"
+    remaining = max(0.0, TIME_BUDGET - training_time)
+    print(
+        f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | {1000 * dt:.0f} ms | "
+        f"{tok_per_sec:,.0f} tok/s | mfu {mfu} | epoch {epoch} | {remaining:.0f}s left   ",
+        end="", flush=True,
+    )
+    if step == 0:  # the garbage collector's pauses cost ~500 ms; nothing here needs it
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
+    step += 1
+    if step > 10 and training_time >= TIME_BUDGET:
+        break
+print()
+
+# ---------------------------------------------------------------------------
+# Evaluation and summary (program.md reads these lines: keep keys, order and format)
+
+model.eval()
+val_bpb = evaluate_bpb(run_model, tokenizer, DEVICE_BATCH_SIZE)
+timed_steps = max(step - 11, 0)
+mfu_percent = f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}" if peak and training_time > 0 else "n/a"
+print("---")
+print(f"{'val_bpb:':<18}{val_bpb:.6f}")
+print(f"{'training_seconds:':<18}{training_time:.1f}")
+print(f"{'total_seconds:':<18}{time.time() - t_start:.1f}")
+print(f"{'peak_vram_mb:':<18}{prepare.peak_memory_mb(device):.1f}")
+print(f"{'mfu_percent:':<18}{mfu_percent}")
+print(f"{'total_tokens_M:':<18}{step * TOTAL_BATCH_SIZE / 1e6:.1f}")
+print(f"{'num_steps:':<18}{step}")
+print(f"{'num_params_M:':<18}{num_params / 1e6:.1f}")
+print(f"{'depth:':<18}{DEPTH}")
