@@ -123,7 +123,12 @@ def fetch_shard(index, data_dir, source_dir=None, attempts=5, backoff=2.0, log=p
         src = os.path.join(source_dir, name)
         if not os.path.exists(src):
             return f"not in {source_dir}"
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as e:  # unreadable source, full disk: reported like a failed download
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            return f"cannot copy {src}: {str(e).splitlines()[0][:200]}"
         if not shard_is_valid(tmp):
             os.remove(tmp)
             return f"{src} is not valid parquet"
@@ -171,14 +176,20 @@ def fetch_shards(indices, data_dir, workers=8, source_dir=None, backoff=2.0):
         return failed
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
         futures = {i: pool.submit(fetch_shard, i, data_dir, source_dir, 5, backoff) for i in todo}
-        for i, fut in futures.items():
-            reason = fut.result()
-            done += 1
-            if reason:
-                failed[i] = reason
-                print(f"  {shard_name(i)}: FAILED: {reason}")
-            else:
-                print(f"  {shard_name(i)}: ok ({done}/{len(todo)}, {time.time() - t0:.0f}s)")
+        try:
+            for i, fut in futures.items():
+                reason = fut.result()
+                done += 1
+                if reason:
+                    failed[i] = reason
+                    print(f"  {shard_name(i)}: FAILED: {reason}")
+                else:
+                    print(f"  {shard_name(i)}: ok ({done}/{len(todo)}, {time.time() - t0:.0f}s)")
+        except BaseException:
+            # Ctrl-C: leaving the block would otherwise wait for every queued download; only
+            # those under way are finished (they land atomically), the rest are dropped
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return failed
 
 
@@ -384,6 +395,8 @@ def document_batches(tokenizer, paths):
     file, row group by row group; a batch never spans two row groups. epoch counts passes from 1."""
     epoch = 1
     while True:
+        if epoch == 2 and not any(pq.ParquetFile(p).metadata.num_rows for p in paths):
+            raise SystemExit(f"No documents in {', '.join(paths)}: run `uv run prepare.py` again.")
         for path in paths:
             cached = load_tokenized(path, tokenizer)
             if cached is not None:
@@ -497,7 +510,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
-    return (total_nats / (math.log(2) * total_bytes)).item()
+    return total_nats.item() / (math.log(2) * total_bytes.item())
 
 
 # ---------------------------------------------------------------------------
@@ -566,13 +579,11 @@ def peak_flops(device):
     """The GPU's dense bf16 peak, or None when the card is not in the table (MFU is then n/a)."""
     import torch
 
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(name):
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def _env_int(name, default):
@@ -746,7 +757,8 @@ def main():
     t0 = time.time()
     n = MAX_SHARD if args.num_shards == -1 else min(args.num_shards, MAX_SHARD)
     if args.num_shards == -1 and args.source_dir:  # a local folder: every training shard it holds
-        held = [int(f[6:11]) for f in os.listdir(args.source_dir) if f.startswith("shard_") and f.endswith(".parquet")]
+        # exact names only: "shard_notes.parquet" would crash int(), "shard_00001 (copy).parquet" count twice
+        held = [int(f[6:11]) for f in os.listdir(args.source_dir) if f[6:11].isdecimal() and f == shard_name(int(f[6:11]))]
         indices = sorted(i for i in held if i != VAL_SHARD)
     else:
         indices = list(range(n))

@@ -1,0 +1,444 @@
+"""Shard fetching against a real HTTP mirror on 127.0.0.1: retries, final 4xx, truncated bodies,
+an interrupted run resumed, damaged shards already in the cache, and the --source-dir copy.
+
+The mirror is a ThreadingHTTPServer whose answer for each file is scripted by the test, and which
+counts the requests per file so a test can tell what was (not) downloaded again."""
+
+import collections
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, synthetic_documents, write_shard
+
+import prepare
+
+PREFIX = f"/datasets/{prepare.DATASET}/resolve/main/"
+TRAIN = [0, 1, 2]
+ALL = TRAIN + [prepare.VAL_SHARD]
+SHARD_DOCS = {0: 200, 1: 200, 2: 200, prepare.VAL_SHARD: 150}
+FAST = 0.01  # back-off for in-process fetches: retries without waiting seconds
+
+
+# ---------------------------------------------------------------------------
+# The mirror
+
+
+class Mirror:
+    """Scripted answers per file name; any file without one is a 404."""
+
+    def __init__(self):
+        self.routes = {}
+        self.requests = collections.Counter()
+        self.lock = threading.Lock()
+        self.closing = threading.Event()  # set at teardown: slow answers stop sleeping
+        self.url = None
+
+    def count(self, index):
+        with self.lock:
+            return self.requests[prepare.shard_name(index)]
+
+    def reset_counts(self):
+        with self.lock:
+            self.requests.clear()
+
+    # -- behaviours: each is handler(request, n) where n is the file's request number, from 1
+
+    def serve(self, index, data):
+        self.routes[prepare.shard_name(index)] = lambda h, n: h.send_body(data)
+
+    def fail_then_serve(self, index, data, failures, status=500):
+        def answer(h, n):
+            if n <= failures:
+                h.send_error(status)
+            else:
+                h.send_body(data)
+
+        self.routes[prepare.shard_name(index)] = answer
+
+    def always(self, index, status):
+        self.routes[prepare.shard_name(index)] = lambda h, n: h.send_error(status)
+
+    def truncate(self, index, data, times=None):
+        """The full Content-Length is declared, half the bytes sent, then the connection closed:
+        the first `times` requests (every one when None), the whole file afterwards."""
+
+        def answer(h, n):
+            cut = len(data) // 2 if times is None or n <= times else None
+            h.send_body(data, limit=cut)
+
+        self.routes[prepare.shard_name(index)] = answer
+
+    def slow(self, index, data, chunk=4096, delay=0.25):
+        """Chunks with a pause after each; the returned event is set once the first one is out."""
+        started = threading.Event()
+
+        def answer(h, n):
+            h.send_body(data, chunk=chunk, delay=delay, started=started)
+
+        self.routes[prepare.shard_name(index)] = answer
+        return started
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        mirror = self.server.mirror
+        name = self.path[len(PREFIX):] if self.path.startswith(PREFIX) else self.path
+        with mirror.lock:
+            mirror.requests[name] += 1
+            n = mirror.requests[name]
+        answer = mirror.routes.get(name)
+        try:
+            if answer is None:
+                self.send_error(404)
+            else:
+                answer(self, n)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (killed mid-download): nothing to answer
+
+    def send_body(self, data, limit=None, chunk=None, delay=0.0, started=None):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        body = data if limit is None else data[:limit]
+        step = chunk or len(body)
+        for i in range(0, len(body), step):
+            self.wfile.write(body[i:i + step])
+            self.wfile.flush()
+            if started is not None:
+                started.set()
+            if delay and self.server.mirror.closing.wait(delay):
+                break
+        self.close_connection = True  # a short body ends with the connection closed
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(monkeypatch):
+    m = Mirror()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.mirror = m
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    m.url = f"http://127.0.0.1:{server.server_address[1]}"
+    # in-process fetches read HF_ENDPOINT at call time; a proxy must not intercept the mirror
+    monkeypatch.setenv("HF_ENDPOINT", m.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    try:
+        yield m
+    finally:
+        m.closing.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+# ---------------------------------------------------------------------------
+# Shards and checks
+
+
+@pytest.fixture(scope="session")
+def shard_bytes(tmp_path_factory):
+    """The bytes of small real-ish shards, made once: {index: bytes}."""
+    folder = tmp_path_factory.mktemp("served")
+    out = {}
+    for i in ALL:
+        path = folder / prepare.shard_name(i)
+        write_shard(str(path), synthetic_documents(SHARD_DOCS[i], seed=100 + i))
+        out[i] = path.read_bytes()
+    return out
+
+
+def shard_path(data_dir, index):
+    return os.path.join(str(data_dir), prepare.shard_name(index))
+
+
+def temp_files(data_dir):
+    return sorted(n for n in os.listdir(data_dir) if n.endswith(".tmp")) if os.path.isdir(data_dir) else []
+
+
+def assert_shard(data_dir, index, shard_bytes):
+    path = shard_path(data_dir, index)
+    assert prepare.shard_is_valid(path), f"{path} is not a valid shard"
+    assert pq.ParquetFile(path).metadata.num_rows == SHARD_DOCS[index]
+    with open(path, "rb") as f:
+        assert f.read() == shard_bytes[index]
+
+
+def assert_final_names_complete(data_dir, shard_bytes):
+    """Every file under a final shard name is a whole shard: never a partial one."""
+    for name in os.listdir(data_dir):
+        if name.startswith("shard_") and name.endswith(".parquet"):
+            assert_shard(data_dir, int(name[6:11]), shard_bytes)
+
+
+def cli_env(cache, url):
+    env = dict(os.environ)
+    env.update(AUTORESEARCH_CACHE=str(cache), HF_ENDPOINT=url, NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
+    return env
+
+
+def cli_args(*extra, num_shards=3):
+    return [sys.executable, os.path.join(ROOT, "prepare.py"), "--num-shards", str(num_shards), *extra]
+
+
+def run_cli(cache, url, *extra, timeout=60):
+    return subprocess.run(cli_args(*extra), env=cli_env(cache, url), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# fetch_shard in process
+
+
+@pytest.mark.parametrize("status", [500, 503, 408, 429])
+def test_transient_errors_are_retried(mirror, shard_bytes, tmp_path, status):
+    mirror.fail_then_serve(1, shard_bytes[1], failures=2, status=status)
+    logs = []
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=logs.append) is None
+    assert mirror.count(1) == 3
+    assert_shard(tmp_path, 1, shard_bytes)
+    assert temp_files(tmp_path) == []
+    assert len(logs) == 2 and all(str(status) in line for line in logs)
+
+
+def test_retries_back_off_exponentially(mirror, shard_bytes, tmp_path, monkeypatch):
+    mirror.fail_then_serve(1, shard_bytes[1], failures=3)
+    waits = []
+    monkeypatch.setattr(prepare.time, "sleep", waits.append)
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=0.5, log=lambda _: None) is None
+    assert waits == [0.5, 1.0, 2.0]
+
+
+def test_fetch_shards_reports_only_failures(mirror, shard_bytes, tmp_path):
+    mirror.fail_then_serve(0, shard_bytes[0], failures=2)
+    mirror.serve(2, shard_bytes[2])
+    failed = prepare.fetch_shards([0, 1, 2], str(tmp_path), workers=3, backoff=FAST)
+    assert list(failed) == [1] and "404" in failed[1]
+    assert_shard(tmp_path, 0, shard_bytes)
+    assert_shard(tmp_path, 2, shard_bytes)
+    assert (mirror.count(0), mirror.count(1), mirror.count(2)) == (3, 1, 1)
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_final_4xx_is_not_retried(mirror, tmp_path, status):
+    mirror.always(1, status)
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert reason is not None and f"HTTP {status}" in reason and "\n" not in reason
+    assert mirror.count(1) == 1
+    assert os.listdir(tmp_path) == []  # neither the final name nor a temp file
+
+
+def test_truncated_once_is_retried_and_never_saved_partial(mirror, shard_bytes, tmp_path):
+    mirror.truncate(1, shard_bytes[1], times=1)
+    final = shard_path(tmp_path, 1)
+    seen = []  # between attempts: is anything under the final name, or a temp file?
+    log = lambda line: seen.append((os.path.exists(final), temp_files(tmp_path), line))  # noqa: E731
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=log) is None
+    assert mirror.count(1) == 2
+    assert len(seen) == 1 and seen[0][:2] == (False, [])
+    assert_shard(tmp_path, 1, shard_bytes)
+    assert temp_files(tmp_path) == []
+
+
+def test_always_truncated_fails_after_five_attempts(mirror, shard_bytes, tmp_path):
+    mirror.truncate(1, shard_bytes[1])
+    final = shard_path(tmp_path, 1)
+    seen = []
+    log = lambda line: seen.append(os.path.exists(final))  # noqa: E731
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=log)
+    assert reason is not None and "after 5 attempts" in reason
+    assert mirror.count(1) == 5
+    assert seen == [False] * 4
+    assert os.listdir(tmp_path) == []
+
+
+def test_complete_body_that_is_not_parquet_is_rejected(mirror, tmp_path):
+    """A 200 whose body is whole but no shard (a proxy's error page) never gets the final name."""
+    page = b"<html><body>Service temporarily unavailable</body></html>"
+    mirror.routes[prepare.shard_name(1)] = lambda h, n: h.send_body(page)
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert reason is not None and "not valid parquet" in reason
+    assert mirror.count(1) == 5
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_temps_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    names = [f".shard_00001.parquet.{dead.pid}.tmp", f".shard_00002.parquet.{os.getpid()}.tmp",
+             "shard_00003.parquet"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    prepare._remove_stale_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])  # a live run's temp file is kept
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, tmp_path):
+    data = tmp_path / "data"
+    for i in (0, 1, prepare.VAL_SHARD):
+        mirror.serve(i, shard_bytes[i])
+    started = mirror.slow(2, shard_bytes[2])  # one worker: 0, 1, then 2 crawls along
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cli_args("--download-workers", "1"), env=cli_env(tmp_path, mirror.url),
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    temp = data / f".{prepare.shard_name(2)}.{proc.pid}.tmp"
+    try:
+        assert started.wait(30), "the first run never asked for shard 2"
+        deadline = time.time() + 10
+        while not temp.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert temp.exists(), "no temp file while shard 2 was downloading"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()  # reaped, so the next run sees the pid as dead
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert mirror.count(2) == 1 and mirror.count(prepare.VAL_SHARD) == 0
+    assert not os.path.exists(shard_path(data, 2))
+    assert_final_names_complete(data, shard_bytes)
+    assert {0, 1} <= {i for i in ALL if os.path.exists(shard_path(data, i))}
+
+    mirror.serve(2, shard_bytes[2])
+    mirror.reset_counts()
+    r = run_cli(tmp_path, mirror.url, "--download-workers", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i in ALL:
+        assert_shard(data, i, shard_bytes)
+    assert (mirror.count(0), mirror.count(1)) == (0, 0)  # completed in the first run
+    assert (mirror.count(2), mirror.count(prepare.VAL_SHARD)) == (1, 1)
+    assert not temp.exists() and temp_files(data) == []
+    assert "2/4 shards already" in r.stdout
+
+
+def test_damaged_shards_in_cache_are_fetched_again(mirror, shard_bytes, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in ALL:
+        mirror.serve(i, shard_bytes[i])
+        (data / prepare.shard_name(i)).write_bytes(shard_bytes[i])
+    (data / prepare.shard_name(0)).write_bytes(shard_bytes[0][: len(shard_bytes[0]) // 2])
+    (data / prepare.shard_name(2)).write_bytes(b"this is not a parquet file\n")
+    r = run_cli(tmp_path, mirror.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i in ALL:
+        assert_shard(data, i, shard_bytes)
+    assert {i: mirror.count(i) for i in ALL} == {0: 1, 1: 0, 2: 1, prepare.VAL_SHARD: 0}
+    assert "2/4 shards already" in r.stdout
+    assert temp_files(data) == []
+
+
+def test_cli_names_missing_shards_and_exits_non_zero(mirror, shard_bytes, tmp_path):
+    mirror.serve(0, shard_bytes[0])
+    mirror.serve(prepare.VAL_SHARD, shard_bytes[prepare.VAL_SHARD])
+    mirror.always(2, 404)  # shard 1 has no route: a 404 as well
+    r = run_cli(tmp_path, mirror.url)
+    assert r.returncode != 0
+    assert "2 shard(s) missing: shard_00001.parquet, shard_00002.parquet" in r.stderr
+    assert "HTTP 404" in r.stdout
+    assert (mirror.count(1), mirror.count(2)) == (1, 1)  # a 404 is final: asked once
+    data = tmp_path / "data"
+    assert sorted(n for n in os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]
+    assert_final_names_complete(data, shard_bytes)
+    assert not (tmp_path / "tokenizer").exists()  # nothing is trained on a partial download
+
+
+def test_source_dir_copies_shards(mirror, shard_bytes, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in ALL:
+        (source / prepare.shard_name(i)).write_bytes(shard_bytes[i])
+    cache = tmp_path / "cache"
+    r = run_cli(cache, mirror.url, "--source-dir", str(source))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i in ALL:
+        assert_shard(cache / "data", i, shard_bytes)
+    assert sum(mirror.requests.values()) == 0  # nothing downloaded
+    assert temp_files(cache / "data") == []
+    assert (cache / "tokenizer" / "ranks.tiktoken").exists()
+
+
+def test_source_dir_names_missing_and_invalid_shards(mirror, shard_bytes, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in (0, prepare.VAL_SHARD):
+        (source / prepare.shard_name(i)).write_bytes(shard_bytes[i])
+    (source / prepare.shard_name(2)).write_bytes(shard_bytes[2][:1000])  # shard 1 absent, 2 cut short
+    cache = tmp_path / "cache"
+    r = run_cli(cache, mirror.url, "--source-dir", str(source))
+    assert r.returncode != 0
+    assert "2 shard(s) missing: shard_00001.parquet, shard_00002.parquet" in r.stderr
+    assert f"not in {source}" in r.stdout and "not valid parquet" in r.stdout
+    data = cache / "data"
+    assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]
+    assert_final_names_complete(data, shard_bytes)
+    assert sum(mirror.requests.values()) == 0
+
+
+def test_ctrl_c_starts_no_queued_download(mirror, shard_bytes, tmp_path):
+    """SIGINT mid-download: the shard under way may finish (atomically), the queued ones never start."""
+    data = tmp_path / "data"
+    for i in (0, 1, prepare.VAL_SHARD):
+        mirror.serve(i, shard_bytes[i])
+    started = mirror.slow(2, shard_bytes[2], chunk=16384, delay=0.1)
+    proc = subprocess.Popen(cli_args("--download-workers", "1"), env=cli_env(tmp_path, mirror.url),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert started.wait(30), "the run never asked for shard 2"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert mirror.count(prepare.VAL_SHARD) == 0
+    assert not os.path.exists(shard_path(data, prepare.VAL_SHARD))
+    assert_final_names_complete(data, shard_bytes)
+    assert not (tmp_path / "tokenizer").exists()
+
+
+def test_source_copy_error_is_a_reason_not_a_crash(shard_bytes, tmp_path):
+    source, data = tmp_path / "source", tmp_path / "data"
+    (source / prepare.shard_name(1)).mkdir(parents=True)  # exists, but cannot be copied
+    (source / prepare.shard_name(2)).write_bytes(shard_bytes[2])
+    failed = prepare.fetch_shards([1, 2], str(data), workers=2, source_dir=str(source))
+    assert list(failed) == [1] and "cannot copy" in failed[1]
+    assert sorted(os.listdir(data)) == [prepare.shard_name(2)]
+    assert_shard(data, 2, shard_bytes)
+
+
+def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path):
+    """--num-shards -1 with a folder takes every training shard in it, by exact name only."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in ALL:
+        (source / prepare.shard_name(i)).write_bytes(shard_bytes[i])
+    (source / "shard_notes.parquet").write_bytes(b"notes")
+    (source / "shard_00001 (copy).parquet").write_bytes(shard_bytes[1])
+    cache = tmp_path / "cache"
+    r = subprocess.run(cli_args("--source-dir", str(source), num_shards=-1), env=cli_env(cache, mirror.url),
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 training shard(s) + validation" in r.stdout
+    assert sorted(os.listdir(cache / "data")) == sorted(prepare.shard_name(i) for i in ALL)
+    for i in ALL:
+        assert_shard(cache / "data", i, shard_bytes)

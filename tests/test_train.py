@@ -1,0 +1,241 @@
+"""train.py: model, optimizer and schedules on CPU, then whole runs of the real script."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import prepare
+from conftest import ROOT
+
+TRAIN_PY = os.path.join(ROOT, "train.py")
+
+
+def load_train_definitions(path=TRAIN_PY):
+    """train.py is a flat script; its definitions are everything above the Setup section."""
+    source = open(path).read()
+    head = source.split("\n# Setup")[0]
+    assert len(head) < len(source), "train.py lost its '# Setup' section marker"
+    module = types.ModuleType("train_definitions")
+    exec(compile(head, path, "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tr():
+    module = load_train_definitions()
+    module.attention = prepare.make_attention("sdpa", torch.device("cpu"), 2048)  # set in Setup
+    return module
+
+
+def test_default_model_shape_and_parameter_count(tr):
+    with torch.device("meta"):  # no memory is allocated
+        model = tr.GPT(tr.GPTConfig())
+    dim = math.ceil(tr.DEPTH * tr.ASPECT_RATIO / tr.HEAD_DIM) * tr.HEAD_DIM
+    assert (tr.DEPTH, dim, dim // tr.HEAD_DIM) == (8, 512, 4)
+    n = sum(p.numel() for p in model.parameters())
+    # by hand from the spec: wte + lm_head, 8 blocks (q k v proj + 4x MLP), 4 value embeddings,
+    # 4 value-embedding gates (32 -> 4 heads), 2 x 8 lambdas
+    expected = 2 * 8192 * 512 + 8 * (4 * 512 * 512 + 2 * 512 * 2048) + 4 * 8192 * 512 + 4 * 32 * 4 + 2 * 8
+    assert n == expected == 50_332_176 and round(n / 1e6, 1) == 50.3
+    assert model.windows == [1024, 1024, 1024, 2048, 1024, 1024, 1024, 2048]
+    assert sorted(model.value_embeds.keys()) == ["1", "3", "5", "7"]
+    assert [b.attn.ve_gate is not None for b in model.transformer.h] == [False, True] * 4
+    assert tuple(model.cos.shape) == (1, 20480, 1, 64) and model.cos.dtype == torch.bfloat16
+    # 6 x (params except wte, value embeddings, lambdas) + 12 x heads x head_dim x window per layer
+    dense = n - 8192 * 512 - 4 * 8192 * 512 - 16
+    assert model.num_flops_per_token() == 6 * dense + sum(12 * 4 * 128 * w for w in model.windows)
+
+
+def test_last_layer_is_always_full_context(tr):
+    with torch.device("meta"):
+        model = tr.GPT(tr.GPTConfig(n_layer=3, window_pattern="S"))
+    assert model.windows == [1024, 1024, 2048]
+
+
+def small_model(tr, seed=0, n_layer=2):
+    torch.manual_seed(seed)
+    model = tr.GPT(tr.GPTConfig(sequence_len=64, vocab_size=256, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    return model
+
+
+def test_init_and_forward(tr):
+    model = small_model(tr)
+    assert not model.transformer.h[0].attn.c_proj.weight.any() and not model.transformer.h[1].mlp.c_proj.weight.any()
+    assert model.x0_lambdas.tolist() == pytest.approx([0.1, 0.1]) and model.resid_lambdas.tolist() == [1.0, 1.0]
+    s = 3**0.5 / 64**0.5
+    assert model.transformer.h[0].attn.c_q.weight.abs().max() <= s
+    assert 0.0005 < model.lm_head.weight.std() < 0.0015
+    x = torch.randint(0, 256, (3, 64))
+    logits = model(x)
+    assert logits.shape == (3, 64, 256) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15  # soft cap
+    per_token = model(x, x, reduction="none")
+    assert per_token.shape == (3 * 64,)
+    assert model(x, x).item() == pytest.approx(per_token.mean().item(), rel=1e-6)
+    # the model is causal: changing a later token leaves earlier logits alone
+    x2 = x.clone()
+    x2[:, 40] = (x2[:, 40] + 1) % 256
+    assert torch.allclose(model(x2)[:, :40], logits[:, :40], atol=1e-5)
+    assert not torch.allclose(model(x2)[:, 40:], logits[:, 40:], atol=1e-5)
+
+
+def test_polar_express_is_close_to_orthogonal(tr):
+    g = torch.randn(3, 256, 192)
+    s_in = torch.linalg.svdvals(g)
+    assert (s_in.max(-1).values / s_in.min(-1).values).min() > 5  # singular values widely spread
+    for matrix in (g, g.mT):  # tall and wide
+        s = torch.linalg.svdvals(tr.polar_express(matrix).float())
+        assert s.min() > 0.7 and s.max() < 1.2, (s.min(), s.max())
+
+
+def test_muon_update_is_normalized_and_decays_cautiously(tr):
+    torch.manual_seed(0)
+    params = [torch.randn(32, 16) for _ in range(3)]
+    before = [p.clone() for p in params]
+    grads = [torch.randn(32, 16) for _ in range(3)]
+    mom, second = torch.zeros(3, 32, 16), torch.zeros(3, 32, 1)
+    tr.muon_update(params, grads, mom, second, lr=0.01, momentum=0.95, beta2=0.95, wd=0.0)
+    updates = [(b - p) / 0.01 for b, p in zip(before, params)]
+    for u in updates:
+        s = torch.linalg.svdvals(u)
+        assert 0.3 < s.min() and s.max() < 2.0  # orthogonalized, then row-normalized
+    assert torch.equal(mom, 0.05 * torch.stack(grads))
+    # weight decay only where update and weight agree in sign
+    p = [torch.ones(8, 8)]
+    tr.muon_update(p, [torch.randn(8, 8)], torch.zeros(1, 8, 8), torch.zeros(1, 8, 1), lr=0.0, momentum=0.9, beta2=0.9, wd=1.0)
+    assert torch.equal(p[0], torch.ones(8, 8))  # lr 0: nothing moves
+
+
+def test_adamw_matches_torch(tr):
+    torch.manual_seed(1)
+    p_ref = torch.randn(10, 7, dtype=torch.float64, requires_grad=True)
+    p = p_ref.detach().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    ref = torch.optim.AdamW([p_ref], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for step in range(1, 6):
+        g = torch.randn(10, 7, dtype=torch.float64)
+        p_ref.grad = g.clone()
+        ref.step()
+        tr.adamw_update(p, g, m, v, step, 0.01, 0.8, 0.95, 1e-10, 0.1)
+    assert torch.allclose(p, p_ref.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_optimizer_groups(tr):
+    model = small_model(tr)
+    opt = tr.build_optimizer(model, compile_math=False)
+    muon = [g for g in opt.param_groups if g["kind"] == "muon"]
+    adamw = [g for g in opt.param_groups if g["kind"] == "adamw"]
+    block_params = set(model.transformer.h.parameters())
+    assert {p for g in muon for p in g["params"]} == block_params
+    assert all(len({tuple(p.shape) for p in g["params"]}) == 1 for g in muon)
+    scale = (64 / 768) ** -0.5
+    lrs = sorted(g["lr"] for g in adamw)
+    assert lrs == pytest.approx(sorted([0.004 * scale, 0.6 * scale, 0.5 * 0.01, 0.5]))
+    assert {p for g in adamw for p in g["params"]} | block_params == set(model.parameters())
+    x = torch.randint(0, 256, (2, 64))
+    losses = []
+    for _ in range(5):
+        loss = model(x, x)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_schedules(tr, monkeypatch):
+    for name, value in [("WARMUP_RATIO", 0.1), ("WARMDOWN_RATIO", 0.5), ("FINAL_LR_FRAC", 0.2)]:
+        monkeypatch.setattr(tr, name, value)
+    source = open(TRAIN_PY).read()
+    ns = {}
+    for fn in ("lr_multiplier", "muon_momentum"):  # defined in the Setup section
+        body = re.search(rf"^def {fn}\(.*?(?=^\S)", source, re.S | re.M).group(0)
+        exec(body, tr.__dict__, ns)
+        tr.__dict__[fn] = ns[fn]
+    lrm = ns["lr_multiplier"]
+    assert lrm(0.0) == 0.0 and lrm(0.05) == pytest.approx(0.5) and lrm(0.1) == 1.0
+    assert lrm(0.3) == 1.0 and lrm(0.5) == 1.0
+    assert lrm(0.75) == pytest.approx(0.5 + 0.5 * 0.2) and lrm(1.0) == pytest.approx(0.2)
+    mom = ns["muon_momentum"]
+    assert mom(0) == 0.85 and mom(150) == pytest.approx(0.90) and mom(300) == 0.95 and mom(5000) == 0.95
+
+
+# ---------------------------------------------------------------------------
+# Whole runs of the real script on CPU, on the tiny fixture data
+
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M", "depth"]
+TINY = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, 2, 2**10"
+
+
+def write_tiny_train(tmp_path, edit=None):
+    """A copy of train.py with a tiny small-machine setting (and an optional further edit)."""
+    source = open(TRAIN_PY).read()
+    small = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"
+    assert small in source, "train.py's small-machine line changed: update this test"
+    source = source.replace(small, TINY)
+    if edit:
+        source = edit(source)
+    shutil_copy = os.path.join(tmp_path, "prepare.py")
+    with open(os.path.join(ROOT, "prepare.py")) as f, open(shutil_copy, "w") as g:
+        g.write(f.read())
+    path = os.path.join(tmp_path, "train.py")
+    with open(path, "w") as f:
+        f.write(source)
+    return path
+
+
+def run_train(path, cache, env_extra=None):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_TIME_BUDGET="2", AUTORESEARCH_EVAL_TOKENS="8192", CUDA_VISIBLE_DEVICES="")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, path], cwd=os.path.dirname(path), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
+    result = run_train(write_tiny_train(tmp_path), tiny_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "NOTE: NON-DEFAULT TIME_BUDGET=2s" in out and "NOTE: NON-DEFAULT EVAL_TOKENS=8,192" in out
+    assert "no CUDA: small-machine settings" in out and "attention: sdpa" in out
+    block = out[out.index("\n---\n") + 5 :].splitlines()
+    assert [line.split(":")[0] for line in block] == SUMMARY_KEYS
+    for line in block:
+        key, value = line.split(":", 1)
+        assert line.startswith(f"{key}:".ljust(18)) and value.strip() == value[18 - len(key) - 1 :]
+    values = {line.split(":")[0]: line[18:] for line in block}
+    assert re.fullmatch(r"\d+\.\d{6}", values["val_bpb"])
+    assert values["mfu_percent"] == "n/a" and values["peak_vram_mb"] == "0.0" and values["depth"] == "1"
+    steps = int(values["num_steps"])
+    assert steps > 11 and float(values["total_tokens_M"]) == pytest.approx(round(steps * 1024 / 1e6, 1))
+    assert float(values["training_seconds"]) >= 2.0
+    # better than a model that knows nothing: uniform over the vocabulary, log2(V) bits per token
+    tok = prepare.Tokenizer.from_directory(str(tiny_cache / "tokenizer"))
+    token_bytes = prepare.get_token_bytes("cpu", str(tiny_cache / "tokenizer"))
+    rows = prepare.make_dataloader(tok, 2, prepare.SMALL_SEQ_LEN, "val", data_dir=str(tiny_cache / "data"))
+    targets = torch.cat([next(rows)[1].reshape(-1) for _ in range(8192 // 1024)])
+    nbytes = token_bytes[targets]
+    uniform = math.log2(8192) * int((nbytes > 0).sum()) / int(nbytes.sum())
+    assert float(values["val_bpb"]) < uniform
+
+
+def test_diverging_run_fails_fast(tiny_cache, tmp_path):
+    path = write_tiny_train(tmp_path, lambda s: s.replace("EMBEDDING_LR = 0.6", "EMBEDDING_LR = 1e6").replace("MATRIX_LR = 0.04", "MATRIX_LR = 1e6"))
+    result = run_train(path, tiny_cache, {"AUTORESEARCH_TIME_BUDGET": "300"})
+    assert result.returncode == 1
+    assert "FAIL" in result.stdout and "\n---\n" not in result.stdout
+    step = int(re.search(r"FAIL: loss is \S+ at step (\d+)", result.stdout).group(1))
+    assert step < 10  # at once, not after the 300 s budget
+
+
+def test_missing_data_is_one_line(tmp_path):
+    path = write_tiny_train(tmp_path)
+    result = run_train(path, tmp_path / "no-cache")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"No tokenizer in {tmp_path / 'no-cache' / 'tokenizer'}: run `uv run prepare.py` first."]
