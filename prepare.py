@@ -703,7 +703,11 @@ def _load_fa3(device):
     from kernels import get_kernel
 
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
-    module = get_kernel("varunneal/flash-attention-3" if hopper else "kernels-community/flash-attn3")
+    repo = "varunneal/flash-attention-3" if hopper else "kernels-community/flash-attn3"
+    try:  # kernels >= 0.15 wants a pinned major version; a repo without versions, its main branch
+        module = get_kernel(repo, version=1)
+    except Exception:
+        module = get_kernel(repo, revision="main")
     return getattr(module, "flash_attn_interface", module)
 
 

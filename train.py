@@ -384,6 +384,7 @@ def train_step(loader, x, y):
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
 x, y, epoch = next(train_loader)
 step, training_time, smooth_loss = 0, 0.0, 0.0
+interactive = sys.stdout.isatty()
 while True:
     prepare.synchronize(device)
     t0 = time.time()
@@ -399,10 +400,13 @@ while True:
     except torch.OutOfMemoryError:
         if step > 0 or DEVICE_BATCH_SIZE == 1:
             raise SystemExit(f"FAIL: out of memory at DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE}: make the model or batch smaller")
-        model.zero_grad(set_to_none=True)
         loss = None
+    if loss is None:  # out of memory in the first step (handled here, once the exception has let go of its tensors)
+        model.zero_grad(set_to_none=True)
+        x = y = None
         gc.collect()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak_vram_mb should describe the run that happened
         DEVICE_BATCH_SIZE //= 2
         grad_accum *= 2
         print(f"out of memory in the first step: retrying with DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} ({grad_accum} micro-steps)")
@@ -424,10 +428,10 @@ while True:
     tok_per_sec = TOTAL_BATCH_SIZE / dt
     mfu = f"{100 * flops_per_token * tok_per_sec / peak:.1f}%" if peak else "n/a"
     remaining = max(0.0, TIME_BUDGET - training_time)
-    print(
+    print(  # rewritten in place on a terminal; one line per step in a log file, so `tail` works
         f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | {1000 * dt:.0f} ms | "
         f"{tok_per_sec:,.0f} tok/s | mfu {mfu} | epoch {epoch} | {remaining:.0f}s left   ",
-        end="", flush=True,
+        end="" if interactive else "\n", flush=True,
     )
     if step == 0:  # the garbage collector's pauses cost ~500 ms; nothing here needs it
         gc.collect()
@@ -438,7 +442,8 @@ while True:
     step += 1
     if step > 10 and training_time >= TIME_BUDGET:
         break
-print()
+if interactive:
+    print()
 
 # ---------------------------------------------------------------------------
 # Evaluation and summary (program.md reads these lines: keep keys, order and format)
