@@ -685,12 +685,24 @@ def make_attention(backend, device, seq_len):
 
 
 def _hub_reachable(timeout=3.0):
+    """Can the kernels hub be reached? Answers within `timeout` seconds, even when name lookup
+    itself hangs (socket timeouts do not cover DNS), so an offline machine never waits long."""
+    import threading
+
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    answer = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            answer.append(True)
+        except (OSError, TypeError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer)
 
 
 def _load_fa3(device):

@@ -251,9 +251,29 @@ def test_attention_backends_match_plain_math(backend, window):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
-def test_select_attention_on_cpu_is_sdpa():
+def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
     name, fn = prepare.select_attention(torch.device("cpu"), 64)
     assert name == "sdpa"
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa3")  # asked for, but impossible here: said, then SDPA
+    name, fn = prepare.select_attention(torch.device("cpu"), 64)
+    assert name == "sdpa" and "attention: fa3 unavailable (Flash-Attention-3 needs CUDA)" in capsys.readouterr().out
+
+
+def test_hub_lookup_fails_fast_offline(monkeypatch):
+    import socket
+    import time
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now: the connection is refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    t0 = time.time()
+    assert prepare._hub_reachable() is False
+    # a name lookup that hangs is cut off at the timeout too
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    assert prepare._hub_reachable(timeout=0.5) is False
+    assert time.time() - t0 < 3
 
 
 # ---------------------------------------------------------------------------
