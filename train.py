@@ -383,6 +383,7 @@ def train_step(loader, x, y):
 
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
 x, y, epoch = next(train_loader)
+startup_seconds = time.time() - t_start
 step, training_time, smooth_loss = 0, 0.0, 0.0
 interactive = sys.stdout.isatty()
 while True:
@@ -423,6 +424,8 @@ while True:
     dt = time.time() - t0
     if step > 10:
         training_time += dt
+    elif step == 0:
+        first_step_seconds = dt  # mostly compilation
     smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
     debiased = smooth_loss / (1 - 0.9 ** (step + 1))
     tok_per_sec = TOTAL_BATCH_SIZE / dt
@@ -449,7 +452,9 @@ if interactive:
 # Evaluation and summary (program.md reads these lines: keep keys, order and format)
 
 model.eval()
+t_eval = time.time()
 val_bpb = evaluate_bpb(run_model, tokenizer, DEVICE_BATCH_SIZE)
+print(f"time outside training: start-up {startup_seconds:.1f}s, step 0 {first_step_seconds:.1f}s, evaluation {time.time() - t_eval:.1f}s")
 timed_steps = max(step - 11, 0)
 mfu_percent = f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}" if peak and training_time > 0 else "n/a"
 print("---")
