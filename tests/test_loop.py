@@ -184,7 +184,7 @@ class Agent:
         """Loop steps 3-5: run, grep, and on empty output read the tail."""
         command = self.program.run.replace("uv run ", shlex.quote(sys.executable) + " ", 1)
         self.sh(command, check=False)  # a crash exits non-zero; the grep decides
-        with open(self.repo / "run.log", newline="") as f:  # as written: progress lines end in \r
+        with open(self.repo / "run.log", newline="") as f:  # as written, \r and all
             log = f.read()
         run = Run(description, self.head(), self.sh(self.program.grep, check=False), log)
         values = dict(line.split(":", 1) for line in run.grep_output.splitlines())
@@ -207,6 +207,13 @@ class Agent:
         row = (self.program.row.replace("VAL_BPB", val).replace("MEMORY_GB", mem).replace("STATUS", status)
                .replace('"DESCRIPTION"', shlex.quote(run.description)))
         self.sh(row)
+
+    def try_idea(self, old, new, description):
+        """Loop steps 1-5 for one idea: look, edit train.py, commit, run and read the result."""
+        self.look()
+        self.edit(old, new)
+        self.commit(description)
+        return self.run(description)
 
     def reset(self):
         """Loop step 8 for a discard or crash: the git-ignored results.tsv and run.log survive it."""
@@ -280,10 +287,8 @@ def night(tmp_path_factory, tiny_cache, pytestconfig):
     discarded = []
 
     # --- an idea that crashes: the MLP's hidden layer made narrower, its output projection not
-    agent.look()
-    agent.edit("self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd", "self.c_fc = nn.Linear(config.n_embd, 3 * config.n_embd")
-    agent.commit("narrower MLP (3x)")
-    crash = agent.run("narrower MLP (3x)")
+    narrow = ("self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd", "self.c_fc = nn.Linear(config.n_embd, 3 * config.n_embd")
+    crash = agent.try_idea(*narrow, "narrower MLP (3x)")
     assert crash.grep_output == "" and crash.val_bpb is None
     assert "Traceback" in crash.tail and "RuntimeError" in crash.tail, crash.tail
     assert len(crash.tail.splitlines()) <= 50  # the end of the log, not a flood
@@ -293,10 +298,7 @@ def night(tmp_path_factory, tiny_cache, pytestconfig):
     assert agent.head() == base.commit
 
     # --- an idea that does not help
-    agent.look()
-    agent.edit(BAD_LR[1], WORSE_LR)
-    agent.commit(WORSE_DESCRIPTION)
-    worse = agent.run(WORSE_DESCRIPTION)
+    worse = agent.try_idea(BAD_LR[1], WORSE_LR, WORSE_DESCRIPTION)
     assert worse.val_bpb is not None, worse.log[-3000:]
     status = decide(worse.val_bpb, best, noise)
     assert status == "discard" and worse.val_bpb > best + noise, (worse.val_bpb, best, noise)
@@ -306,10 +308,7 @@ def night(tmp_path_factory, tiny_cache, pytestconfig):
     assert agent.head() == base.commit
 
     # --- an idea that helps
-    agent.look()
-    agent.edit(BAD_LR[1], BETTER_LR)
-    agent.commit(BETTER_DESCRIPTION)
-    better = agent.run(BETTER_DESCRIPTION)
+    better = agent.try_idea(BAD_LR[1], BETTER_LR, BETTER_DESCRIPTION)
     assert better.val_bpb is not None, better.log[-3000:]
     status = decide(better.val_bpb, best, noise)
     assert status == "keep" and better.val_bpb < best - noise, (better.val_bpb, best, noise)

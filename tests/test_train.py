@@ -3,6 +3,7 @@
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -182,9 +183,7 @@ def write_tiny_train(tmp_path, edit=None):
     source = source.replace(small, TINY)
     if edit:
         source = edit(source)
-    shutil_copy = os.path.join(tmp_path, "prepare.py")
-    with open(os.path.join(ROOT, "prepare.py")) as f, open(shutil_copy, "w") as g:
-        g.write(f.read())
+    shutil.copy(os.path.join(ROOT, "prepare.py"), tmp_path)  # train.py imports it from its own folder
     path = os.path.join(tmp_path, "train.py")
     with open(path, "w") as f:
         f.write(source)
