@@ -628,7 +628,7 @@ def _band_mask(T, window, device):
 
 
 def make_attention(backend, device, seq_len):
-    """attention(q, k, v, window) for one backend: 'fa3', 'flex' or 'sdpa'."""
+    """attention(q, k, v, window) for one backend: 'fa4', 'fa3', 'flex' or 'sdpa'."""
     import torch
     import torch.nn.functional as F
 
@@ -673,6 +673,9 @@ def make_attention(backend, device, seq_len):
 
         return flex
 
+    if backend == "fa4":
+        return _load_fa4(device)
+
     if backend == "fa3":
         fa3 = _load_fa3(device)
 
@@ -682,6 +685,81 @@ def make_attention(backend, device, seq_len):
 
         return flash
     raise ValueError(f"unknown attention backend {backend!r}")
+
+
+_FLASH_OPS = {}
+
+
+def flash_attention_op(name, fwd, bwd):
+    """attention(q, k, v, window) from a flash-attention kernel pair, registered as torch.library
+    ops (autoresearch::<name>_fwd/_bwd) with shape-only fakes and an autograd rule. torch.compile
+    then keeps the kernel as one opaque node of the compiled graph; called directly, a kernel
+    whose launcher Dynamo cannot trace breaks the graph and runs slower than FlexAttention.
+      fwd(q, k, v, window) -> (out like q, lse (B, H, T) float32)
+      bwd(q, k, v, out, dout, lse, window) -> (dq, dk, dv)"""
+    import torch
+    from torch import Tensor
+
+    if name in _FLASH_OPS:  # an op name can be registered once per process
+        return _FLASH_OPS[name]
+
+    @torch.library.custom_op(f"autoresearch::{name}_fwd", mutates_args=())
+    def op_fwd(q: Tensor, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor]:
+        return tuple(t.contiguous() for t in fwd(q, k, v, window))  # the layout the fake promises
+
+    @op_fwd.register_fake
+    def _(q, k, v, window):
+        B, T, H, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+
+    @torch.library.custom_op(f"autoresearch::{name}_bwd", mutates_args=())
+    def op_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(t.contiguous() for t in bwd(q, k, v, out, dout, lse, window))
+
+    @op_bwd.register_fake
+    def _(q, k, v, out, dout, lse, window):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, ctx.window = inputs
+        ctx.save_for_backward(q, k, v, *output)
+
+    def backward(ctx, dout, dlse):  # lse is an internal by-product: its gradient is never used
+        q, k, v, out, lse = ctx.saved_tensors
+        return *op_bwd(q, k, v, out, dout, lse, ctx.window), None
+
+    op_fwd.register_autograd(backward, setup_context=setup_context)
+
+    def attention(q, k, v, window):
+        return op_fwd(q, k, v, window)[0]
+
+    _FLASH_OPS[name] = attention
+    return attention
+
+
+def _load_fa4(device):
+    """flash-attn-4 (PyPI, CuTe DSL kernels for Hopper and Blackwell) as a compile-opaque op."""
+    import torch
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        raise RuntimeError("flash-attn-4 needs a Hopper or Blackwell data-centre GPU (sm90/sm100)")
+    # its kernels are compiled on first use; keep them on disk so later runs skip that
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", os.path.join(CACHE_DIR, "flash-attn-4"))
+    from flash_attn.cute import interface as fa4
+
+    def left(window, T):  # None = plain causal, its faster kernel
+        return None if window >= T - 1 else window
+
+    def fwd(q, k, v, window):
+        out, lse, *_ = fa4._flash_attn_fwd(q, k, v, causal=True, window_size_left=left(window, q.size(1)), window_size_right=0, return_lse=True)
+        return out, lse
+
+    def bwd(q, k, v, out, dout, lse, window):
+        dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, window_size_left=left(window, q.size(1)), window_size_right=0)
+        return dq, dk, dv
+
+    return flash_attention_op("fa4", fwd, bwd)
 
 
 def _hub_reachable(timeout=3.0):
@@ -724,32 +802,37 @@ def _load_fa3(device):
 
 
 def select_attention(device, seq_len):
-    """The fastest attention backend that works here, checked against plain SDPA on a small input:
-    Flash-Attention-3 from the kernels hub (CUDA), FlexAttention (CUDA), then SDPA.
-    Returns (name, attention function)."""
+    """The fastest attention backend that works here, checked against plain SDPA (output and
+    gradients) on a small input: flash-attn-4 (Hopper/Blackwell), Flash-Attention-3 from the
+    kernels hub, FlexAttention, then SDPA. Returns (name, attention function)."""
     import torch
 
     import warnings
 
     reference = make_attention("sdpa", device, seq_len)
-    candidates = ["fa3", "flex"] if device.type == "cuda" else []
+    candidates = ["fa4", "fa3", "flex"] if device.type == "cuda" else []
     if os.environ.get("AUTORESEARCH_ATTENTION"):  # force one backend, e.g. to compare them
         candidates = [os.environ["AUTORESEARCH_ATTENTION"]]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def outputs(fn, window):  # attention output and the gradients of q, k, v
+        with warnings.catch_warnings():  # this check runs FlexAttention uncompiled, on purpose
+            warnings.simplefilter("ignore")
+            out = fn(q, k, v, window)
+            return [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
     for name in candidates:
         if name == "sdpa":
             break
         try:
             fn = make_attention(name, device, seq_len)
-            g = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
             for window in (64, 256):
-                with warnings.catch_warnings():  # this check runs FlexAttention uncompiled, on purpose
-                    warnings.simplefilter("ignore")
-                    out = fn(q, k, v, window).float()
-                ref = reference(q, k, v, window).float()
-                err = (out - ref).norm() / ref.norm()
-                if not err < 2e-2:
-                    raise RuntimeError(f"output differs from SDPA (relative error {err:.3g})")
+                for got, ref in zip(outputs(fn, window), outputs(reference, window)):
+                    err = (got.float() - ref.float()).norm() / ref.float().norm()
+                    if not err < 2e-2:
+                        raise RuntimeError(f"output or gradient differs from SDPA (relative error {err:.3g})")
             return name, fn
         except Exception as e:
             print(f"attention: {name} unavailable ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})")

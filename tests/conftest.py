@@ -1,6 +1,8 @@
-"""Shared fixtures: small synthetic climbmix-format shards, a tokenizer trained on them, and the
-real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA)."""
+"""Shared fixtures: small synthetic climbmix-format shards, a tokenizer trained on them, the
+real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA), and reference
+flash-attention kernels."""
 
+import math
 import os
 import random
 import sys
@@ -8,6 +10,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -69,3 +72,36 @@ def use_cache(tiny_cache, monkeypatch):
     monkeypatch.setattr(prepare, "TOKENIZER_DIR", str(tiny_cache / "tokenizer"))
     monkeypatch.setattr(prepare, "TOKENS_DIR", str(tiny_cache / "tokens"))
     return tiny_cache
+
+
+# ---------------------------------------------------------------------------
+# Flash-attention kernels written out in float64 math, standing in for flash-attn-4's CUDA ones on
+# this GPU-less machine. Same contract: out and lse (B, H, T) forward; dq, dk, dv from lse backward.
+
+
+def _band_scores(q, k, window):
+    T, D = q.size(1), q.size(-1)
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / math.sqrt(D)
+    return scores.masked_fill(~((j <= i) & (i - j <= window)), float("-inf"))
+
+
+def flash_forward(q, k, v, window):
+    scores = _band_scores(q, k, window)
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), v.double())
+    return out.to(q.dtype), lse.float()
+
+
+def flash_backward(q, k, v, out, dout, lse, window):
+    D = q.size(-1)
+    p = (_band_scores(q, k, window) - lse.double()[..., None]).exp()  # probabilities, rebuilt from lse
+    dout, out = dout.double(), out.double()
+    dv = torch.einsum("bhts,bthd->bshd", p, dout)
+    dp = torch.einsum("bthd,bshd->bhts", dout, v.double())
+    delta = (dout * out).sum(-1).transpose(1, 2)[..., None]  # rowsum(dO * O), per head and query
+    ds = p * (dp - delta) / math.sqrt(D)
+    dq = torch.einsum("bhts,bshd->bthd", ds, k.double())
+    dk = torch.einsum("bhts,bthd->bshd", ds, q.double())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
-from conftest import make_shards, sample_data_dir, synthetic_documents, write_shard
+from conftest import flash_backward, flash_forward, make_shards, sample_data_dir, synthetic_documents, write_shard
 from naive_packing import naive_batches
 
 # ---------------------------------------------------------------------------
@@ -249,6 +249,28 @@ def test_attention_backends_match_plain_math(backend, window):
     out = fn(q, k, v, window)
     assert out.shape == q.shape and out.dtype == torch.float32
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_flash_attention_op_matches_sdpa_and_stays_whole_under_compile():
+    """The torch.library wrapper that carries flash-attn-4 into compiled graphs (fake, autograd
+    rule, layout), driven by float64 reference kernels since this machine has no GPU."""
+    attention = prepare.flash_attention_op("reference", flash_forward, flash_backward)
+    assert prepare.flash_attention_op("reference", flash_forward, flash_backward) is attention  # registered once
+    sdpa = prepare.make_attention("sdpa", torch.device("cpu"), 64)
+    compiled = torch.compile(attention, fullgraph=True)  # a graph break inside would raise here
+    g = torch.Generator().manual_seed(0)
+    for window in (1, 16, 63):
+        q, k, v, dout = (torch.randn(2, 64, 3, 32, generator=g) for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        results = {}
+        for name, fn in (("sdpa", sdpa), ("op", attention), ("compiled op", compiled)):
+            out = fn(q, k, v, window)
+            results[name] = [out, *torch.autograd.grad(out, (q, k, v), dout)]
+        for name in ("op", "compiled op"):
+            for got, ref in zip(results[name], results["sdpa"]):
+                assert got.shape == ref.shape and got.dtype == torch.float32
+                assert ((got - ref).norm() / ref.norm()).item() <= 1e-5, (name, window)
+    torch.library.opcheck(torch.ops.autoresearch.reference_fwd.default, (q, k, v, 16))  # fake and autograd agree
 
 
 def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
