@@ -6,25 +6,17 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
 import prepare
-from conftest import ROOT
+from conftest import ROOT, flash_backward, flash_forward
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from same_math import load_train_definitions, training_losses  # noqa: E402
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
-
-
-def load_train_definitions(path=TRAIN_PY):
-    """train.py is a flat script; its definitions are everything above the Setup section."""
-    source = open(path).read()
-    head = source.split("\n# Setup")[0]
-    assert len(head) < len(source), "train.py lost its '# Setup' section marker"
-    module = types.ModuleType("train_definitions")
-    exec(compile(head, path, "exec"), module.__dict__)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +186,22 @@ def run_train(path, cache, env_extra=None):
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_TIME_BUDGET="2", AUTORESEARCH_EVAL_TOKENS="8192", CUDA_VISIBLE_DEVICES="")
     env.update(env_extra or {})
     return subprocess.run([sys.executable, path], cwd=os.path.dirname(path), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_flash_op_path_trains_like_plain_attention():
+    """Same mathematics: 20 training steps of train.py's model and optimizer from one seed on the
+    same batches give the same losses through the flash-attention op (reference kernels standing
+    in for flash-attn-4) as through SDPA. The GPU check of the real kernels is
+    benchmarks/same_math.py."""
+    config = load_train_definitions().GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (20, 4, 65), generator=g) % 50  # a skewed unigram: learnable
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    cpu = torch.device("cpu")
+    plain = training_losses(prepare.make_attention("sdpa", cpu, 64), batches, config, cpu, compile=False)
+    op = training_losses(prepare.flash_attention_op("reference", flash_forward, flash_backward), batches, config, cpu, compile=False)
+    assert plain[-1] < plain[0] - 1  # it trains
+    assert max(abs(a - b) for a, b in zip(plain, op)) < 3e-5, list(zip(plain, op))
 
 
 def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
