@@ -801,9 +801,9 @@ def _load_fa3(device):
     return getattr(module, "flash_attn_interface", module)
 
 
-def select_attention(device, seq_len):
+def select_attention(device, seq_len, head_dim=128):
     """The fastest attention backend that works here, checked against plain SDPA (output and
-    gradients) on a small input: flash-attn-4 (Hopper/Blackwell), Flash-Attention-3 from the
+    gradients) on a small input with the model's head size: flash-attn-4 (Hopper/Blackwell), Flash-Attention-3 from the
     kernels hub, FlexAttention, then SDPA. Returns (name, attention function)."""
     import torch
 
@@ -814,7 +814,7 @@ def select_attention(device, seq_len):
     if os.environ.get("AUTORESEARCH_ATTENTION"):  # force one backend, e.g. to compare them
         candidates = [os.environ["AUTORESEARCH_ATTENTION"]]
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v, dout = (torch.randn(1, 256, 2, head_dim, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def outputs(fn, window):  # attention output and the gradients of q, k, v

@@ -320,7 +320,7 @@ if device.type != "cuda":  # small-machine settings: the GPU ones would take hou
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
-attention_name, attention = prepare.select_attention(device, SEQ_LEN)
+attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(

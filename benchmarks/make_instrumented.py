@@ -21,7 +21,7 @@ def rep(old, new, count=1):
 rep("t_start = time.time()\n", "t_start = time.time()\nDEVICE_BATCH_SIZE = int(os.environ.get('DBS', DEVICE_BATCH_SIZE))\nTAG = os.environ.get('TAG', '')\nPROF = os.environ.get('PROF') == '1'\nOUT = os.environ.get('OUT', '.')\ndef _mark(name):\n    print(f'[startup] {name} {time.time() - t_start:.2f}s', flush=True)\n")
 rep("device = prepare.get_device()\n", "device = prepare.get_device()\ntorch.zeros(1, device=device); _mark('cuda init')\n")
 rep("tokenizer = Tokenizer.from_directory()\n", "tokenizer = Tokenizer.from_directory()\n_mark('tokenizer')\n")
-rep("attention_name, attention = prepare.select_attention(device, SEQ_LEN)\n", "attention_name, attention = prepare.select_attention(device, SEQ_LEN)\n_mark('select_attention')\n")
+rep("attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)\n", "attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)\n_mark('select_attention')\n")
 rep("num_params = sum(", "_mark('model built')\nnum_params = sum(")
 rep("tokens_per_micro = DEVICE_BATCH_SIZE", "_mark('optimizer+compile wrap')\ntokens_per_micro = DEVICE_BATCH_SIZE")
 rep("startup_seconds = time.time() - t_start\n", "_mark('first batch')\nstartup_seconds = time.time() - t_start\n")

@@ -279,6 +279,13 @@ def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa3")  # asked for, but impossible here: said, then SDPA
     name, fn = prepare.select_attention(torch.device("cpu"), 64)
     assert name == "sdpa" and "attention: fa3 unavailable (Flash-Attention-3 needs CUDA)" in capsys.readouterr().out
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa4")
+    name, fn = prepare.select_attention(torch.device("cpu"), 64)
+    assert name == "sdpa" and "attention: fa4 unavailable (flash-attn-4 needs a Hopper or Blackwell" in capsys.readouterr().out
+    # FlexAttention's forward runs on a CPU but its backward does not: the gradient check catches it
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "flex")
+    name, fn = prepare.select_attention(torch.device("cpu"), 64, head_dim=32)
+    assert name == "sdpa" and "attention: flex unavailable (FlexAttention does not support backward on CPU" in capsys.readouterr().out
 
 
 def test_hub_lookup_fails_fast_offline(monkeypatch):
