@@ -803,8 +803,8 @@ def _load_fa3(device):
 
 def select_attention(device, seq_len, head_dim=128):
     """The fastest attention backend that works here, checked against plain SDPA (output and
-    gradients) on a small input with the model's head size: flash-attn-4 (Hopper/Blackwell), Flash-Attention-3 from the
-    kernels hub, FlexAttention, then SDPA. Returns (name, attention function)."""
+    gradients) on a small input with the model's head size: flash-attn-4 (Hopper/Blackwell),
+    Flash-Attention-3 from the kernels hub, FlexAttention, then SDPA. Returns (name, function)."""
     import torch
 
     import warnings
