@@ -79,7 +79,8 @@ def use_cache(tiny_cache, monkeypatch):
 # this GPU-less machine. Same contract: out and lse (B, H, T) forward; dq, dk, dv from lse backward.
 
 
-def _band_scores(q, k, window):
+def band_scores(q, k, window):
+    """Attention scores in float64, -inf outside the band j <= i, i - j <= window."""
     T, D = q.size(1), q.size(-1)
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
@@ -88,7 +89,7 @@ def _band_scores(q, k, window):
 
 
 def flash_forward(q, k, v, window):
-    scores = _band_scores(q, k, window)
+    scores = band_scores(q, k, window)
     lse = scores.logsumexp(-1)
     out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), v.double())
     return out.to(q.dtype), lse.float()
@@ -96,7 +97,7 @@ def flash_forward(q, k, v, window):
 
 def flash_backward(q, k, v, out, dout, lse, window):
     D = q.size(-1)
-    p = (_band_scores(q, k, window) - lse.double()[..., None]).exp()  # probabilities, rebuilt from lse
+    p = (band_scores(q, k, window) - lse.double()[..., None]).exp()  # probabilities, rebuilt from lse
     dout, out = dout.double(), out.double()
     dv = torch.einsum("bhts,bthd->bshd", p, dout)
     dp = torch.einsum("bthd,bshd->bhts", dout, v.double())

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
-from conftest import flash_backward, flash_forward, make_shards, sample_data_dir, synthetic_documents, write_shard
+from conftest import band_scores, flash_backward, flash_forward, make_shards, sample_data_dir, synthetic_documents, write_shard
 from naive_packing import naive_batches
 
 # ---------------------------------------------------------------------------
@@ -227,14 +227,7 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
 
 
 def reference_attention(q, k, v, window):
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    T = q.size(2)
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
-    allowed = (j <= i) & (i - j <= window)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(1, 2)
+    return torch.einsum("bhts,bshd->bthd", band_scores(q, k, window).softmax(-1), v.double())
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on purpose: the CPU path
