@@ -39,7 +39,7 @@ def test_default_model_shape_and_parameter_count(tr):
     assert model.windows == [1024, 1024, 1024, 2048, 1024, 1024, 1024, 2048]
     assert sorted(model.value_embeds.keys()) == ["1", "3", "5", "7"]
     assert [b.attn.ve_gate is not None for b in model.transformer.h] == [False, True] * 4
-    assert tuple(model.cos.shape) == (1, 20480, 1, 64) and model.cos.dtype == torch.bfloat16
+    assert tuple(model.cos.shape) == (1, 20480, 1, 128) and model.cos.dtype == torch.bfloat16
     # 6 x (params except wte, value embeddings, lambdas) + 12 x heads x head_dim x window per layer
     dense = n - 8192 * 512 - 4 * 8192 * 512 - 16
     assert model.num_flops_per_token() == 6 * dense + sum(12 * 4 * 128 * w for w in model.windows)
@@ -56,6 +56,23 @@ def small_model(tr, seed=0, n_layer=2):
     model = tr.GPT(tr.GPTConfig(sequence_len=64, vocab_size=256, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     return model
+
+
+def test_rotary_rotates_the_halves_as_the_spec_writes_it(tr):
+    """y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos with base-10000 angles: bit for bit, in bf16
+    as on the GPU and in float32, from the model's own cached tables."""
+    model = tr.GPT(tr.GPTConfig(sequence_len=64, vocab_size=256, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    T, D = 64, 32
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), 1.0 / 10000 ** (torch.arange(0, D, 2) / D))
+    cos, sin = angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(3, T, 2, D).to(dtype)
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+        c, s = cos.to(dtype), sin.to(dtype)
+        expected = torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c], dim=-1)
+        got = tr.apply_rotary(x, model.cos[:, :T].to(dtype), model.sin[:, :T].to(dtype))
+        assert torch.equal(got, expected)
+    assert not torch.equal(tr.apply_rotary(x, model.cos[:, 1 : T + 1], model.sin[:, 1 : T + 1]), expected)
 
 
 def test_init_and_forward(tr):
