@@ -28,6 +28,7 @@ def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     head = source.split("\n# Setup")[0]
     assert len(head) < len(source), "train.py lost its '# Setup' section marker"
     module = types.ModuleType("train_definitions")
+    sys.modules[module.__name__] = module  # torch.compile looks classes up by their module's name
     exec(compile(head, path, "exec"), module.__dict__)
     return module
 
