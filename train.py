@@ -225,6 +225,16 @@ def muon_update(params, grads, momentum_buf, second_buf, lr, momentum, beta2, wd
         p.copy_(new)
 
 
+def update_all(adamw_jobs, muon_jobs):
+    """All the math of one optimizer step; compiled as a whole, it is one graph (a graph per group
+    and shape would each cost start-up time)."""
+    for p, g, m, v, step, *hyperparameters in adamw_jobs:
+        step += 1
+        adamw_update(p, g, m, v, step, *hyperparameters)
+    for job in muon_jobs:
+        muon_update(*job)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with kind='adamw' take AdamW steps; kind='muon' groups hold same-shape matrices.
     Hyperparameters that change every step reach the compiled math as device tensors, so that a
@@ -232,8 +242,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups, compile_math):
         super().__init__(groups, {})
-        self.adamw_math = torch.compile(adamw_update, dynamic=False) if compile_math else adamw_update
-        self.muon_math = torch.compile(muon_update, dynamic=False) if compile_math else muon_update
+        self.update = torch.compile(update_all, dynamic=False) if compile_math else update_all
         for group in self.param_groups:
             group["initial_lr"] = group["lr"]
 
@@ -243,6 +252,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        adamw_jobs, muon_jobs = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -253,11 +263,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in params:
                     state = self.state[p]
                     if not state:
-                        state["step"] = torch.zeros((), device=dev)
-                        state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                    state["step"] += 1
-                    beta1, beta2 = group["betas"]
-                    self.adamw_math(p, p.grad, state["m"], state["v"], state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
+                        state.update(step=torch.zeros((), device=dev), m=torch.zeros_like(p), v=torch.zeros_like(p))
+                    adamw_jobs.append((p, p.grad, state["m"], state["v"], state["step"], lr, *group["betas"], group["eps"], group["weight_decay"]))
             else:
                 state = self.state[params[0]]
                 if not state:
@@ -269,7 +276,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 lr = self._scalar(group, "lr", group["lr"] * max(1.0, rows / cols) ** 0.5, dev)
                 momentum = self._scalar(group, "momentum", group["momentum"], dev)
                 wd = self._scalar(group, "wd", group["weight_decay"], dev)
-                self.muon_math(params, [p.grad for p in params], state["momentum"], state["second"], lr, momentum, group["beta2"], wd)
+                muon_jobs.append((params, [p.grad for p in params], state["momentum"], state["second"], lr, momentum, group["beta2"], wd))
+        self.update(adamw_jobs, muon_jobs)
 
 
 def build_optimizer(model, compile_math):

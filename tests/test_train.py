@@ -160,6 +160,35 @@ def test_optimizer_groups(tr):
     assert losses[-1] < losses[0]
 
 
+def test_compiled_optimizer_is_one_graph_for_every_step(tr):
+    """The whole optimizer step compiles to one graph, and new learning rates, momenta and weight
+    decays (they change every step) do not recompile it; it moves the weights as the eager
+    update does."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.randint(0, 256, (2, 64))
+    weights = {}
+    for compiled in (False, True):
+        model = small_model(tr)
+        opt = tr.build_optimizer(model, compile_math=compiled)
+        for i in range(3):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * (1 - 0.2 * i)
+                if group["kind"] == "muon":
+                    group["momentum"], group["weight_decay"] = 0.85 + 0.05 * i, 0.2 * (1 - 0.2 * i)
+            model(x, x).backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+        weights[compiled] = [p.detach().clone() for p in model.parameters()]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    initial = [p.detach() for p in small_model(tr).parameters()]
+    assert not all(torch.equal(w, w0) for w, w0 in zip(weights[True], initial))
+    for eager, compiled in zip(weights[False], weights[True]):
+        assert torch.allclose(eager, compiled, atol=5e-3), (eager - compiled).abs().max()
+
+
 def test_schedules(tr, monkeypatch):
     for name, value in [("WARMUP_RATIO", 0.1), ("WARMDOWN_RATIO", 0.5), ("FINAL_LR_FRAC", 0.2)]:
         monkeypatch.setattr(tr, name, value)
