@@ -2,6 +2,7 @@
 and memory go. Used for the breakdowns in the README's performance section.
 
     python3 benchmarks/make_instrumented.py && python3 train_instrumented.py
+    python3 benchmarks/make_instrumented.py variant.py variant_instrumented.py  # another copy
 
 Prints: start-up marks ([startup]), Dynamo's compile-time table after step 0, peak memory of
 step 14's forward+backward and optimizer ([mem]), the inference compile and forward time before
@@ -11,9 +12,12 @@ to their names). The edits are exact string replacements: if train.py changed, i
 """
 
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-src = open(os.path.join(ROOT, "train.py")).read()
+SRC = sys.argv[1] if len(sys.argv) > 1 else "train.py"
+DST = sys.argv[2] if len(sys.argv) > 2 else "train_instrumented.py"
+src = open(os.path.join(ROOT, SRC)).read()
 def rep(old, new, count=1):
     global src
     assert src.count(old) == count, (old, src.count(old))
@@ -73,4 +77,4 @@ print(f'[eval] forward {(time.time() - _t) / 5 * 1000:.1f} ms per {x.numel()} to
 t_eval = time.time()
 """)
 rep("print(f\"time outside training:", "print(f'[mem] eval peak {torch.cuda.max_memory_allocated()/2**30:.2f} GiB')\nprint(f\"time outside training:")
-open(os.path.join(ROOT, "train_instrumented.py"), "w").write(src)
+open(os.path.join(ROOT, DST), "w").write(src)
