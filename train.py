@@ -237,8 +237,9 @@ def update_all(adamw_jobs, muon_jobs):
 
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with kind='adamw' take AdamW steps; kind='muon' groups hold same-shape matrices.
-    Hyperparameters that change every step reach the compiled math as device tensors, so that a
-    new value does not trigger a recompilation."""
+    step() gathers the work, update_all does the math. Hyperparameters that change every step
+    reach the compiled math as device tensors (_scalar): a Python number that changes would
+    recompile it at every step."""
 
     def __init__(self, groups, compile_math):
         super().__init__(groups, {})
