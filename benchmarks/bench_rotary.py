@@ -1,6 +1,6 @@
 """The q/k rotary + RMSNorm pass of train.py's attention, compiled, forward and forward+backward at
 the default shapes (64 x 2048, 4 heads of 128): rotary by slicing the halves and concatenating,
-against rotary by roll (train.py's form), with a plain scale-by-2 of the same tensors as the
+against train.py's apply_rotary (rotary by roll), with a plain scale-by-2 of the same tensors as the
 memory-speed yardstick. Needs a CUDA GPU.
 
     uv run benchmarks/bench_rotary.py
@@ -10,7 +10,9 @@ memory-speed yardstick. Needs a CUDA GPU.
 import time
 
 import torch
-import torch.nn.functional as F
+from same_math import load_train_definitions
+
+tr = load_train_definitions()  # train.py's apply_rotary and norm
 
 B, T, H, D = 64, 2048, 4, 128
 d = D // 2
@@ -20,23 +22,16 @@ cos, sin = angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[No
 cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)
 
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
 def by_cat(a, b):  # a, b: (B, T, 512), the outputs of c_q and c_k
     def rotary(x):
         x1, x2 = x[..., :d], x[..., d:]
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
-    return norm(rotary(a.view(B, T, H, D))), norm(rotary(b.view(B, T, H, D)))
+    return tr.norm(rotary(a.view(B, T, H, D))), tr.norm(rotary(b.view(B, T, H, D)))
 
 
-def by_roll(a, b):
-    def rotary(x):
-        return x * cos2 + x.roll(d, dims=-1) * sin2
-
-    return norm(rotary(a.view(B, T, H, D))), norm(rotary(b.view(B, T, H, D)))
+def by_roll(a, b):  # train.py's form
+    return tr.norm(tr.apply_rotary(a.view(B, T, H, D), cos2, sin2)), tr.norm(tr.apply_rotary(b.view(B, T, H, D), cos2, sin2))
 
 
 def scale_only(a, b):  # the same bytes in and out, no reduction: memory speed
