@@ -629,7 +629,6 @@ def _band_mask(T, window, device):
 
 def make_attention(backend, device, seq_len):
     """attention(q, k, v, window) for one backend: 'fa4', 'fa3', 'flex' or 'sdpa'."""
-    import torch
     import torch.nn.functional as F
 
     if backend == "sdpa":
@@ -837,6 +836,168 @@ def select_attention(device, seq_len, head_dim=128):
         except Exception as e:
             print(f"attention: {name} unavailable ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})")
     return "sdpa", reference
+
+
+# ---------------------------------------------------------------------------
+# MLP kernel: the ReLU² fused into the matmuls on each side of it (Triton, CUDA)
+
+
+def relu_squared_mlp_plain(x, w_fc, w_proj):
+    """relu(x @ w_fc.T)² @ w_proj.T, the MLP of train.py, in plain PyTorch."""
+    import torch.nn.functional as F
+
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+
+
+_RELU2 = {}
+
+
+def _relu2_matmul():
+    """A Triton matmul with the ReLU² in its epilogue. c = a @ b accumulates in float32 and is
+    rounded to the output dtype, as a cuBLAS output is; then
+      forward:  c <- h, d <- relu(h)²             (h = x @ w_fc.T; both are kept for the backward)
+      backward: c <- h * 2 relu(d), d read only   (h = dout @ w_proj; d = the pre-activation)
+    Each saves a full pass over a (tokens x 4·width) activation against cuBLAS plus a pointwise
+    kernel: the forward does not read h back, the backward does not write h out and read it back."""
+    if "matmul" in _RELU2:
+        return _RELU2["matmul"]
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a_ptr, b_ptr, c_ptr, d_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+               BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # tiles in groups of GROUP_M rows, so the tiles running together share their b columns in L2
+        pid, grid_m, grid_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+        rows = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
+        pid_n = (pid % (GROUP_M * grid_n)) // rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+        b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k), other=0.0)
+            b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * s_ak
+            b_ptrs += BLOCK_K * s_bk
+        h = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        offsets = rm[:, None] * s_cm + rn[None, :] * s_cn
+        inside = (rm[:, None] < M) & (rn[None, :] < N)
+        if BACKWARD:
+            relu = tl.maximum(tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32), 0.0)
+            tl.store(c_ptr + offsets, (h * 2.0 * relu).to(c_ptr.dtype.element_ty), mask=inside)
+        else:
+            tl.store(c_ptr + offsets, h.to(c_ptr.dtype.element_ty), mask=inside)
+            relu = tl.maximum(h, 0.0)
+            tl.store(d_ptr + offsets, (relu * relu).to(d_ptr.dtype.element_ty), mask=inside)
+
+    def blocks(device):
+        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for the tests
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
+        if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:
+            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)  # Hopper: the fastest of 8 tried
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)  # fits 64 KB of shared memory
+
+    def matmul(a, b, backward, pre=None):
+        M, K = a.shape
+        N = b.shape[1]
+        c = a.new_empty((M, N))
+        d = pre if backward else torch.empty_like(c)
+        cfg = blocks(a.device)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        kernel[grid](a, b, c, d, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), BACKWARD=backward, **cfg)
+        return c if backward else (c, d)
+
+    _RELU2["matmul"] = matmul
+    return matmul
+
+
+def relu_squared_mlp_op():
+    """relu(x @ w_fc.T)² @ w_proj.T for 2-D x, with the Triton matmul above, registered as
+    torch.library ops (autoresearch::relu2_mlp_fwd/_bwd) with fakes and an autograd rule, so
+    that torch.compile keeps each as one opaque node. Inputs share one dtype (bf16 in training)."""
+    import torch
+    from torch import Tensor
+
+    if "op" in _RELU2:
+        return _RELU2["op"]
+    matmul = _relu2_matmul()
+
+    @torch.library.custom_op("autoresearch::relu2_mlp_fwd", mutates_args=())
+    def fwd(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pre, post = matmul(x, w_fc.t(), backward=False)
+        return post @ w_proj.t(), pre, post
+
+    @fwd.register_fake
+    def _(x, w_fc, w_proj):
+        hidden = x.new_empty((x.size(0), w_fc.size(0)))
+        return x.new_empty((x.size(0), w_proj.size(0))), hidden, torch.empty_like(hidden)
+
+    @torch.library.custom_op("autoresearch::relu2_mlp_bwd", mutates_args=())
+    def bwd(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, pre: Tensor, post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dpre = matmul(dout, w_proj, backward=True, pre=pre)
+        return dpre @ w_fc, dpre.t() @ x, dout.t() @ post
+
+    @bwd.register_fake
+    def _(dout, x, w_fc, w_proj, pre, post):
+        return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output[1:])
+
+    def backward(ctx, dout, dpre, dpost):  # pre and post are by-products: no gradient flows into them
+        return bwd(dout, *ctx.saved_tensors)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _RELU2["op"] = fwd
+    return fwd
+
+
+def relu_squared_mlp_fused(x, w_fc, w_proj):
+    """relu_squared_mlp_plain through the fused op, in autocast's dtype (the weights are cast as
+    autocast casts them). Register the op (relu_squared_mlp_op(), as select_mlp does) before
+    torch.compile traces this: tracing the registration itself breaks the graph there."""
+    import torch
+
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = relu_squared_mlp_op()(x.reshape(-1, x.size(-1)).to(dtype), w_fc.to(dtype), w_proj.to(dtype))[0]
+    return out.view(*x.shape[:-1], out.size(-1))
+
+
+def select_mlp(device):
+    """train.py's MLP, relu(x @ w_fc.T)² @ w_proj.T: fused (Triton) on CUDA GPUs from Ampere on,
+    after a check against plain PyTorch (output and gradients, bf16) on a small input; plain
+    PyTorch elsewhere, or when AUTORESEARCH_MLP=plain. Returns (name, function)."""
+    import torch
+
+    if device.type != "cuda" or os.environ.get("AUTORESEARCH_MLP") == "plain":
+        return "plain", relu_squared_mlp_plain
+    try:
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            raise RuntimeError("needs an Ampere or newer GPU (bf16 tensor cores)")
+        relu_squared_mlp_op()
+        g = torch.Generator(device=device).manual_seed(0)
+        x, w_fc, w_proj, dout = (torch.randn(shape, device=device, generator=g) for shape in [(3, 100, 128), (512, 128), (128, 512), (3, 100, 128)])
+        x, w_fc, w_proj = (t.requires_grad_() for t in (x, w_fc, w_proj))
+        results = []
+        for fn in (relu_squared_mlp_fused, relu_squared_mlp_plain):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(x, w_fc, w_proj)
+            results.append([out, *torch.autograd.grad(out, (x, w_fc, w_proj), dout)])
+        for got, ref in zip(*results):
+            err = (got.float() - ref.float()).norm() / ref.float().norm()
+            if not err < 2e-2:
+                raise RuntimeError(f"output or gradient differs from plain PyTorch (relative error {err:.3g})")
+        return "triton", relu_squared_mlp_fused
+    except Exception as e:
+        print(f"mlp: fused kernel unavailable ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})")
+        return "plain", relu_squared_mlp_plain
 
 
 # ---------------------------------------------------------------------------

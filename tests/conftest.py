@@ -1,6 +1,6 @@
 """Shared fixtures: small synthetic climbmix-format shards, a tokenizer trained on them, the
-real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA), and reference
-flash-attention kernels."""
+real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA), reference
+flash-attention kernels, and Triton's interpreter on machines without a GPU."""
 
 import math
 import os
@@ -17,6 +17,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prepare  # noqa: E402
+
+# Without a GPU, Triton's CPU interpreter runs the fused MLP kernel. It has to be switched on before
+# triton is first imported (its standard library is compiled at import), so here, not in a fixture.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def sample_data_dir():

@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -279,6 +278,41 @@ def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "flex")
     name, fn = prepare.select_attention(torch.device("cpu"), 64, head_dim=32)
     assert name == "sdpa" and "attention: flex unavailable (FlexAttention does not support backward on CPU" in capsys.readouterr().out
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Triton's CPU interpreter runs the fused MLP kernel (conftest switches it on). It cannot load
+    bf16, so these tests run in float32; on a GPU, select_mlp checks the bf16 kernel every run."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine): benchmarks/same_math.py checks the kernel there")
+
+
+def test_fused_mlp_matches_plain_pytorch_and_stays_whole_under_compile(triton_interpreter):
+    g = torch.Generator().manual_seed(0)
+    M, C, H = 70, 48, 96  # no multiple of the kernel's blocks (64 x 64 x 32 here): the edges are masked
+    x, dout = torch.randn(M, C, generator=g), torch.randn(M, C, generator=g)
+    w_fc, w_proj = torch.randn(H, C, generator=g) / 7, torch.randn(C, H, generator=g) / 10
+    op = prepare.relu_squared_mlp_op()
+    out, pre, post = op(x, w_fc, w_proj)
+    assert ((pre - x @ w_fc.T).abs().max() / pre.abs().max()).item() < 1e-6
+    assert torch.equal(post, pre.relu().square())  # what the backward's weight gradient reads
+    compiled = torch.compile(prepare.relu_squared_mlp_fused, fullgraph=True)  # a graph break would raise here
+    results = {}
+    for name, fn in (("plain", prepare.relu_squared_mlp_plain), ("fused", prepare.relu_squared_mlp_fused), ("compiled", compiled)):
+        leaves = [t.clone().requires_grad_() for t in (x.view(2, 35, C), w_fc, w_proj)]
+        out = fn(*leaves)
+        results[name] = [out, *torch.autograd.grad(out, leaves, dout.view(2, 35, C))]
+    for name in ("fused", "compiled"):
+        for got, ref in zip(results[name], results["plain"]):
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            assert ((got - ref).norm() / ref.norm()).item() <= 1e-6, name
+    torch.library.opcheck(op, (x, w_fc.requires_grad_(), w_proj))  # fake and autograd agree with the kernel
+
+
+def test_select_mlp_off_cuda_is_plain_pytorch(monkeypatch):
+    assert prepare.select_mlp(torch.device("cpu")) == ("plain", prepare.relu_squared_mlp_plain)
 
 
 def test_hub_lookup_fails_fast_offline(monkeypatch):
