@@ -10,7 +10,6 @@ metric and platform plumbing live in prepare.py, which is fixed.
 
 import gc
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -83,8 +82,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+    def forward(self, x):  # = self.c_proj(F.relu(self.c_fc(x)).square()), fused into the matmuls on CUDA
+        return relu_squared_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -332,6 +331,7 @@ torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
 attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)
+mlp_name, relu_squared_mlp = prepare.select_mlp(device)  # to change the activation, write the MLP out in PyTorch
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(
@@ -357,7 +357,7 @@ grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 peak = prepare.peak_flops(device)
 gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
-print(f"device: {gpu} | attention: {attention_name} | compile: {use_compile}")
+print(f"device: {gpu} | attention: {attention_name} | mlp: {mlp_name} | compile: {use_compile}")
 print(f"model: {DEPTH} layers, width {model_dim}, {config.n_head} heads, {num_params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token")
 print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} | time budget: {TIME_BUDGET}s")
 for note in notes:

@@ -1,13 +1,15 @@
 """Same mathematics: train.py's model and optimizer, trained from the same seed on the same batches
-with two or more attention backends; prints the per-step losses side by side.
+through two or more kernel paths; prints the per-step losses side by side.
 
-    uv run benchmarks/same_math.py flex fa4          # on a GPU: a faster path against the plain one
+    uv run benchmarks/same_math.py flex fa4              # on a GPU: a faster path against the plain one
     uv run benchmarks/same_math.py sdpa flex fa4 --steps 20 --batch 16
+    uv run benchmarks/same_math.py fa4/plain fa4/triton  # the MLP: plain PyTorch against the fused kernel
 
-The first backend is the reference; each other one is compared with it step by step. On a GPU the
-model runs in bf16 under torch.compile exactly as in train.py, so two correct backends still drift
-apart by bf16 rounding; compare the gaps with that of two plain PyTorch backends (sdpa, flex).
-Needs `uv run prepare.py` (tokenizer and shards).
+Each variant is an attention backend (fa4, fa3, flex, sdpa), optionally followed by /plain or
+/triton for the MLP (default plain). The first variant is the reference; each other one is
+compared with it step by step. On a GPU the model runs in bf16 under torch.compile exactly as in
+train.py, so two correct paths still drift apart by bf16 rounding; compare the gaps with that of
+two plain PyTorch attention backends (sdpa, flex). Needs `uv run prepare.py` (tokenizer, shards).
 """
 
 import argparse
@@ -33,11 +35,12 @@ def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     return module
 
 
-def training_losses(attention, batches, config, device, compile):
+def training_losses(attention, batches, config, device, compile, mlp=prepare.relu_squared_mlp_plain):
     """Per-step losses of train.py's GPT and MuonAdamW (constant learning rates) on the given
-    batches, with `attention` as the model's attention function. Same seed every call."""
+    batches, with `attention` and `mlp` as the model's attention and MLP functions (train.py's
+    Setup picks them). Same seed every call."""
     tr = load_train_definitions()  # a fresh copy: its own globals and compiled code
-    tr.attention = attention
+    tr.attention, tr.relu_squared_mlp = attention, mlp
     torch.manual_seed(0)
     with torch.device(device):
         model = tr.GPT(config)
@@ -60,7 +63,7 @@ def training_losses(attention, batches, config, device, compile):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("backends", nargs="+", help="attention backends (fa4, fa3, flex, sdpa); the first is the reference")
+    parser.add_argument("variants", nargs="+", help="attention backend (fa4, fa3, flex, sdpa) [/plain or /triton MLP]; the first is the reference")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     args = parser.parse_args()
@@ -73,14 +76,21 @@ def main():
                           n_head=dim // tr.HEAD_DIM, n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN)
     loader = prepare.make_dataloader(tokenizer, args.batch, seq_len, "train")
     batches = [next(loader)[:2] for _ in range(args.steps)]
-    runs = {name: training_losses(prepare.make_attention(name, device, seq_len), batches, config, device, device.type == "cuda")
-            for name in args.backends}
-    ref = args.backends[0]
-    print(f"{'step':>4} " + " ".join(f"{n:>9}" for n in args.backends) + "".join(f" {'|' + n + '-' + ref + '|':>14}" for n in args.backends[1:]))
+    mlps = {"plain": prepare.relu_squared_mlp_plain, "triton": prepare.relu_squared_mlp_fused}
+    if any(name.endswith("/triton") for name in args.variants):
+        prepare.relu_squared_mlp_op()  # registered before torch.compile meets it (as select_mlp does in train.py)
+    runs = {}
+    for name in args.variants:
+        attention, _, mlp = name.partition("/")
+        runs[name] = training_losses(prepare.make_attention(attention, device, seq_len), batches, config, device,
+                                     device.type == "cuda", mlps[mlp or "plain"])
+    names = args.variants
+    ref = names[0]
+    print(f"{'step':>4} " + " ".join(f"{n:>11}" for n in names) + "".join(f" {'|' + n + ' - ' + ref + '|':>24}" for n in names[1:]))
     for i in range(args.steps):
-        row = " ".join(f"{runs[n][i]:9.4f}" for n in args.backends)
-        print(f"{i:4d} {row}" + "".join(f" {abs(runs[n][i] - runs[ref][i]):14.4f}" for n in args.backends[1:]))
-    for n in args.backends[1:]:
+        row = " ".join(f"{runs[n][i]:11.4f}" for n in names)
+        print(f"{i:4d} {row}" + "".join(f" {abs(runs[n][i] - runs[ref][i]):24.4f}" for n in names[1:]))
+    for n in names[1:]:
         gaps = [abs(a - b) for a, b in zip(runs[n], runs[ref])]
         print(f"{n} vs {ref}: max |loss gap| {max(gaps):.4f} over {args.steps} steps, mean {sum(gaps) / len(gaps):.4f}")
 

@@ -22,7 +22,8 @@ TRAIN_PY = os.path.join(ROOT, "train.py")
 @pytest.fixture(scope="module")
 def tr():
     module = load_train_definitions()
-    module.attention = prepare.make_attention("sdpa", torch.device("cpu"), 2048)  # set in Setup
+    module.attention = prepare.make_attention("sdpa", torch.device("cpu"), 2048)  # both set in Setup
+    module.relu_squared_mlp = prepare.relu_squared_mlp_plain
     return module
 
 
@@ -248,6 +249,25 @@ def test_flash_op_path_trains_like_plain_attention():
     op = training_losses(prepare.flash_attention_op("reference", flash_forward, flash_backward), batches, config, cpu, compile=False)
     assert plain[-1] < plain[0] - 1  # it trains
     assert max(abs(a - b) for a, b in zip(plain, op)) < 3e-5, list(zip(plain, op))
+
+
+def test_fused_mlp_trains_like_plain_mlp():
+    """Same mathematics for the fused MLP kernel (Triton's interpreter, float32): 20 training
+    steps from one seed on the same batches, against the MLP in plain PyTorch. The GPU check in
+    bf16 is benchmarks/same_math.py fa4/plain fa4/triton."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine)")
+    config = load_train_definitions().GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (20, 4, 65), generator=g) % 50
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    cpu = torch.device("cpu")
+    sdpa = prepare.make_attention("sdpa", cpu, 64)
+    plain = training_losses(sdpa, batches, config, cpu, compile=False)
+    fused = training_losses(sdpa, batches, config, cpu, compile=False, mlp=prepare.relu_squared_mlp_fused)
+    assert plain[-1] < plain[0] - 1  # it trains
+    assert max(abs(a - b) for a, b in zip(plain, fused)) < 3e-5, list(zip(plain, fused))
 
 
 def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
