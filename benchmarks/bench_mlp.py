@@ -1,0 +1,71 @@
+"""train.py's MLP alone, compiled, forward + backward at the default shapes (64 x 2048 tokens,
+width 512, hidden 2048, bf16 autocast, float32 weights): plain PyTorch against the fused Triton
+kernel that prepare.select_mlp picks on CUDA, with cuBLAS's matmul alone for scale, the extra
+memory each keeps for the backward, and how far each one's output and gradients are from float32.
+Needs a CUDA GPU.
+
+    uv run benchmarks/bench_mlp.py
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import prepare  # noqa: E402
+
+B, T, C, H = 64, 2048, 512, 2048
+
+
+def cuda_ms(fn, iters=30):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(B, T, C, device="cuda", generator=g).bfloat16()
+dout = torch.randn(B, T, C, device="cuda", generator=g).bfloat16() * 0.01
+w_fc = (torch.rand(H, C, device="cuda", generator=g) * 2 - 1) * (3 / C) ** 0.5  # train.py's init
+w_proj = torch.randn(C, H, device="cuda", generator=g) * 0.02  # (train.py starts it at zero)
+
+a, b = x.view(-1, C), w_fc.bfloat16()
+ms = cuda_ms(lambda: a @ b.T)
+print(f"cuBLAS matmul alone ({B * T} x {C} @ {C} x {H}): {ms:.3f} ms, {2 * B * T * C * H / ms / 1e9:.0f} TFLOP/s")
+
+leaves = [t.double().requires_grad_() for t in (x, w_fc, w_proj)]
+out = prepare.relu_squared_mlp_plain(*leaves)
+reference = [out, *torch.autograd.grad(out, leaves, dout.double())]
+
+prepare.relu_squared_mlp_op()  # registered before torch.compile meets it, as select_mlp does for train.py
+print(f"{'MLP':<8} {'fwd+bwd ms':>10} {'kept MB':>8}  relative error against float64: out, dx, dw_fc, dw_proj")
+for name, fn in (("plain", prepare.relu_squared_mlp_plain), ("fused", prepare.relu_squared_mlp_fused)):
+    compiled = torch.compile(fn, dynamic=False)
+    leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return compiled(*leaves)
+
+    def step():
+        return torch.autograd.grad(forward(), leaves, dout)
+
+    grads = step()
+    out = forward()
+    errors = [((got.double() - ref).norm() / ref.norm()).item() for got, ref in zip([out, *grads], reference)]
+    del out
+    ms = cuda_ms(step)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = forward()  # what the forward keeps alive for the backward, the output included
+    kept = (torch.cuda.memory_allocated() - before) / 1e6
+    del out
+    print(f"{name:<8} {ms:10.3f} {kept:8.0f}  " + ", ".join(f"{e:.2e}" for e in errors))
