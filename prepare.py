@@ -970,10 +970,11 @@ def relu_squared_mlp_fused(x, w_fc, w_proj):
     return out.view(*x.shape[:-1], out.size(-1))
 
 
-def select_mlp(device):
+def select_mlp(device, width=512):
     """train.py's MLP, relu(x @ w_fc.T)² @ w_proj.T: fused (Triton) on CUDA GPUs from Ampere on,
-    after a check against plain PyTorch (output and gradients, bf16) on a small input; plain
-    PyTorch elsewhere, or when AUTORESEARCH_MLP=plain. Returns (name, function)."""
+    after a check against plain PyTorch (output and gradients, bf16) on a few tokens at the
+    model's width (so that training reuses the kernels the check compiled); plain PyTorch
+    elsewhere, or when AUTORESEARCH_MLP=plain. Returns (name, function)."""
     import torch
 
     if device.type != "cuda" or os.environ.get("AUTORESEARCH_MLP") == "plain":
@@ -983,7 +984,8 @@ def select_mlp(device):
             raise RuntimeError("needs an Ampere or newer GPU (bf16 tensor cores)")
         relu_squared_mlp_op()
         g = torch.Generator(device=device).manual_seed(0)
-        x, w_fc, w_proj, dout = (torch.randn(shape, device=device, generator=g) for shape in [(3, 100, 128), (512, 128), (128, 512), (3, 100, 128)])
+        shapes = [(3, 100, width), (4 * width, width), (width, 4 * width), (3, 100, width)]
+        x, w_fc, w_proj, dout = (torch.randn(shape, device=device, generator=g) for shape in shapes)
         x, w_fc, w_proj = (t.requires_grad_() for t in (x, w_fc, w_proj))
         results = []
         for fn in (relu_squared_mlp_fused, relu_squared_mlp_plain):

@@ -331,13 +331,13 @@ torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
 attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)
-mlp_name, relu_squared_mlp = prepare.select_mlp(device)  # to change the activation, write the MLP out in PyTorch
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(
     sequence_len=SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
     n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
 )
+mlp_name, relu_squared_mlp = prepare.select_mlp(device, model_dim)  # to change the activation, write the MLP out in PyTorch
 with torch.device(device):
     model = GPT(config)
 model.init_weights()

@@ -1,8 +1,9 @@
 """Where the start-up of a GPU run goes: importing flash-attn-4 (and the CuTe DSL compiler under
 it), its first forward and backward per kernel (compiled on a machine's first run, loaded from
-$AUTORESEARCH_CACHE/flash-attn-4 after that), prepare.select_attention's check, and the import of
-torch.compile's machinery. Run it twice to see first-run and cached figures. Needs a Hopper or
-Blackwell GPU and `uv run prepare.py`'s cache folder.
+$AUTORESEARCH_CACHE/flash-attn-4 after that), prepare.select_attention's check, select_mlp's
+(Triton compiles the fused MLP kernel on a first run), and the import of torch.compile's
+machinery. Run it twice to see first-run and cached figures. Needs a Hopper or Blackwell GPU and
+`uv run prepare.py`'s cache folder.
 
     uv run benchmarks/bench_startup.py
 """
@@ -43,6 +44,9 @@ for B, T, H, w in [(1, 256, 2, 64), (1, 256, 2, 256), (1, 256, 2, 64), (64, 2048
 t = time.time()
 name, _ = prepare.select_attention(device, 2048, 128)
 mark(f"select_attention (again) -> {name}", t)
+t = time.time()
+name, _ = prepare.select_mlp(device, 512)  # compiles the fused MLP kernel on a first run, loads it after
+mark(f"select_mlp -> {name}", t)
 t = time.time()
 import torch._dynamo  # noqa: E402, F401
 import torch._inductor.compile_fx  # noqa: E402, F401
