@@ -800,6 +800,19 @@ def _load_fa3(device):
     return getattr(module, "flash_attn_interface", module)
 
 
+def _check_close(got, expected, against):
+    """The start-up checks of a fast kernel: each output or gradient within 2% (relative norm)."""
+    for g, e in zip(got, expected):
+        err = (g.float() - e.float()).norm() / e.float().norm()
+        if not err < 2e-2:
+            raise RuntimeError(f"output or gradient differs from {against} (relative error {err:.3g})")
+
+
+def _reason(e):
+    """An exception as the one-line reason printed when a fast path is skipped."""
+    return str(e).splitlines()[0][:150] if str(e) else type(e).__name__
+
+
 def select_attention(device, seq_len, head_dim=128):
     """The fastest attention backend that works here, checked against plain SDPA (output and
     gradients) on a small input with the model's head size: flash-attn-4 (Hopper/Blackwell),
@@ -828,13 +841,10 @@ def select_attention(device, seq_len, head_dim=128):
         try:
             fn = make_attention(name, device, seq_len)
             for window in (64, 256):
-                for got, ref in zip(outputs(fn, window), outputs(reference, window)):
-                    err = (got.float() - ref.float()).norm() / ref.float().norm()
-                    if not err < 2e-2:
-                        raise RuntimeError(f"output or gradient differs from SDPA (relative error {err:.3g})")
+                _check_close(outputs(fn, window), outputs(reference, window), "SDPA")
             return name, fn
         except Exception as e:
-            print(f"attention: {name} unavailable ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})")
+            print(f"attention: {name} unavailable ({_reason(e)})")
     return "sdpa", reference
 
 
@@ -992,13 +1002,10 @@ def select_mlp(device, width=512):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = fn(x, w_fc, w_proj)
             results.append([out, *torch.autograd.grad(out, (x, w_fc, w_proj), dout)])
-        for got, ref in zip(*results):
-            err = (got.float() - ref.float()).norm() / ref.float().norm()
-            if not err < 2e-2:
-                raise RuntimeError(f"output or gradient differs from plain PyTorch (relative error {err:.3g})")
+        _check_close(*results, "plain PyTorch")
         return "triton", relu_squared_mlp_fused
     except Exception as e:
-        print(f"mlp: fused kernel unavailable ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})")
+        print(f"mlp: fused kernel unavailable ({_reason(e)})")
         return "plain", relu_squared_mlp_plain
 
 

@@ -311,6 +311,17 @@ def test_fused_mlp_matches_plain_pytorch_and_stays_whole_under_compile(triton_in
     torch.library.opcheck(op, (x, w_fc.requires_grad_(), w_proj))  # fake and autograd agree with the kernel
 
 
+def test_start_up_check_refuses_a_kernel_that_disagrees():
+    """The check select_attention and select_mlp run on a GPU before using a fast kernel."""
+    ref = [torch.ones(4, 8), torch.full((3,), 2.0)]
+    prepare._check_close([r * 1.01 for r in ref], ref, "plain PyTorch")  # within 2%: passes
+    with pytest.raises(RuntimeError, match=r"^output or gradient differs from SDPA \(relative error 0\.05\)$"):
+        prepare._check_close([ref[0], ref[1] * 1.05], ref, "SDPA")
+    with pytest.raises(RuntimeError, match="relative error nan"):
+        prepare._check_close([ref[0] * float("nan")], ref[:1], "SDPA")  # NaN fails too
+    assert prepare._reason(RuntimeError("first line\nmore")) == "first line" and prepare._reason(MemoryError()) == "MemoryError"
+
+
 def test_select_mlp_off_cuda_is_plain_pytorch(monkeypatch):
     assert prepare.select_mlp(torch.device("cpu")) == ("plain", prepare.relu_squared_mlp_plain)
 
