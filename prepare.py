@@ -884,7 +884,7 @@ def _relu2_matmul():
         rows = min(grid_m - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
         pid_n = (pid % (GROUP_M * grid_n)) // rows
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tokens x 4·width can pass 2^31 elements
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
