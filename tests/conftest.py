@@ -24,6 +24,15 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def triton_interpreter():
+    """For tests of the fused MLP kernel: Triton's interpreter, on when there is no GPU. It cannot
+    load bf16, so they run in float32; on a GPU, select_mlp checks the bf16 kernel every run."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine): benchmarks/same_math.py checks the kernel there")
+
+
 def sample_data_dir():
     """The real-text climbmix-format sample, if present: .ci/run points AUTORESEARCH_SAMPLE_DATA at it."""
     path = os.environ.get("AUTORESEARCH_SAMPLE_DATA") or os.path.join(ROOT, "..", "shared", "data", "climbmix-sample")

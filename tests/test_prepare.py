@@ -280,15 +280,6 @@ def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
     assert name == "sdpa" and "attention: flex unavailable (FlexAttention does not support backward on CPU" in capsys.readouterr().out
 
 
-@pytest.fixture
-def triton_interpreter():
-    """Triton's CPU interpreter runs the fused MLP kernel (conftest switches it on). It cannot load
-    bf16, so these tests run in float32; on a GPU, select_mlp checks the bf16 kernel every run."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off (a GPU machine): benchmarks/same_math.py checks the kernel there")
-
-
 def test_fused_mlp_matches_plain_pytorch_and_stays_whole_under_compile(triton_interpreter):
     g = torch.Generator().manual_seed(0)
     M, C, H = 70, 48, 96  # no multiple of the kernel's blocks (64 x 64 x 32 here): the edges are masked

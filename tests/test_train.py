@@ -235,37 +235,34 @@ def run_train(path, cache, env_extra=None):
     return subprocess.run([sys.executable, path], cwd=os.path.dirname(path), env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_flash_op_path_trains_like_plain_attention():
-    """Same mathematics: 20 training steps of train.py's model and optimizer from one seed on the
-    same batches give the same losses through the flash-attention op (reference kernels standing
-    in for flash-attn-4) as through SDPA. The GPU check of the real kernels is
-    benchmarks/same_math.py."""
+def tiny_training_losses(attention=None, mlp=prepare.relu_squared_mlp_plain):
+    """Per-step losses of 20 training steps of a 2-layer train.py model on CPU, one seed, fixed batches."""
     config = load_train_definitions().GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (20, 4, 65), generator=g) % 50  # a skewed unigram: learnable
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
     cpu = torch.device("cpu")
-    plain = training_losses(prepare.make_attention("sdpa", cpu, 64), batches, config, cpu, compile=False)
-    op = training_losses(prepare.flash_attention_op("reference", flash_forward, flash_backward), batches, config, cpu, compile=False)
+    attention = attention or prepare.make_attention("sdpa", cpu, 64)
+    return training_losses(attention, batches, config, cpu, compile=False, mlp=mlp)
+
+
+def test_flash_op_path_trains_like_plain_attention():
+    """Same mathematics: 20 training steps of train.py's model and optimizer from one seed on the
+    same batches give the same losses through the flash-attention op (reference kernels standing
+    in for flash-attn-4) as through SDPA. The GPU check of the real kernels is
+    benchmarks/same_math.py."""
+    plain = tiny_training_losses()
+    op = tiny_training_losses(prepare.flash_attention_op("reference", flash_forward, flash_backward))
     assert plain[-1] < plain[0] - 1  # it trains
     assert max(abs(a - b) for a, b in zip(plain, op)) < 3e-5, list(zip(plain, op))
 
 
-def test_fused_mlp_trains_like_plain_mlp():
+def test_fused_mlp_trains_like_plain_mlp(triton_interpreter):
     """Same mathematics for the fused MLP kernel (Triton's interpreter, float32): 20 training
     steps from one seed on the same batches, against the MLP in plain PyTorch. The GPU check in
     bf16 is benchmarks/same_math.py fa4/plain fa4/triton."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off (a GPU machine)")
-    config = load_train_definitions().GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 256, (20, 4, 65), generator=g) % 50
-    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-    cpu = torch.device("cpu")
-    sdpa = prepare.make_attention("sdpa", cpu, 64)
-    plain = training_losses(sdpa, batches, config, cpu, compile=False)
-    fused = training_losses(sdpa, batches, config, cpu, compile=False, mlp=prepare.relu_squared_mlp_fused)
+    plain = tiny_training_losses()
+    fused = tiny_training_losses(mlp=prepare.relu_squared_mlp_fused)
     assert plain[-1] < plain[0] - 1  # it trains
     assert max(abs(a - b) for a, b in zip(plain, fused)) < 3e-5, list(zip(plain, fused))
 
