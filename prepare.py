@@ -1010,6 +1010,156 @@ def select_mlp(device, width=512):
 
 
 # ---------------------------------------------------------------------------
+# Loss kernel: the soft cap and cross-entropy in one pass that also writes the logits' gradient (Triton, CUDA)
+
+
+def softcap_cross_entropy_plain(x, w_head, targets, cap):
+    """Per-token cross-entropy (float32, flattened, 0 where the target is -1) of the soft-capped logits
+    cap * tanh(x @ w_head.T / cap): train.py's loss in plain PyTorch."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.linear(x, w_head).float()
+    logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+
+
+_SOFTCAP_CE = {}
+
+
+def _softcap_ce_kernel():
+    """A Triton kernel, one row of logits per program, in two sweeps over the row: the first
+    soft-caps it and accumulates its log-sum-exp (online, chunk by chunk) and the target's logit,
+    then stores the row's loss; for training, the second reads the row again (from L2) and
+    overwrites it with d loss / d logits. The logits go through DRAM once in and once out; the
+    compiled plain form reads them in the forward, again in the backward, and writes the gradient."""
+    if "kernel" in _SOFTCAP_CE:
+        return _SOFTCAP_CE["kernel"]
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(logits_ptr, targets_ptr, losses_ptr, V: tl.constexpr, stride, cap, inv_cap, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+        row = logits_ptr + tl.program_id(0).to(tl.int64) * stride
+        target = tl.load(targets_ptr + tl.program_id(0))
+        m, s, z_target = -float("inf"), 0.0, 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            u = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_cap
+            t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # tanh(u) (CUDA's own tanh measured no faster here)
+            z = tl.where(cols < V, cap * t, float("-inf"))  # the soft-capped logits
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+            z_target += tl.sum(tl.where(cols == target, z, 0.0), 0)
+        lse = m + tl.log(s)
+        valid = target != -1
+        tl.store(losses_ptr + tl.program_id(0), tl.where(valid, lse - z_target, 0.0))
+        if WITH_GRAD:  # (softmax - one-hot) times the cap's derivative, 1 - tanh²
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                u = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_cap
+                t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+                z = cap * t
+                grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+                tl.store(row + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+    def run(logits, targets, cap, with_grad):
+        N, V = logits.shape
+        losses = torch.empty(N, device=logits.device, dtype=torch.float32)
+        launch = dict(BLOCK_V=2048, num_warps=4) if logits.device.type == "cuda" else dict(BLOCK_V=128)  # 2048 x 4 warps: among the fastest of 6 tried on an H100
+        kernel[(N,)](logits, targets.contiguous(), losses, V, logits.stride(0), cap, 1.0 / cap, WITH_GRAD=with_grad, **launch)
+        return losses
+
+    _SOFTCAP_CE["kernel"] = run
+    return run
+
+
+def softcap_cross_entropy_op():
+    """Per-token losses of cap * tanh(x @ w_head.T / cap) for 2-D x, as a torch.library op
+    (autoresearch::softcap_ce) with a fake and an autograd rule: cuBLAS makes the logits, the
+    kernel above turns them into the losses and the gradient, and the backward is two matmuls
+    with the incoming per-token gradients applied to their smaller operands."""
+    import torch
+    from torch import Tensor
+
+    if "op" in _SOFTCAP_CE:
+        return _SOFTCAP_CE["op"]
+    kernel = _softcap_ce_kernel()
+
+    @torch.library.custom_op("autoresearch::softcap_ce", mutates_args=())
+    def op(x: Tensor, w_head: Tensor, targets: Tensor, cap: float, with_grad: bool) -> tuple[Tensor, Tensor]:
+        logits = x @ w_head.t()
+        losses = kernel(logits, targets, cap, with_grad)
+        return losses, logits if with_grad else logits.new_empty(0)  # with_grad: d loss_i / d logits_i
+
+    @op.register_fake
+    def _(x, w_head, targets, cap, with_grad):
+        dlogits = x.new_empty((x.size(0), w_head.size(0)) if with_grad else 0)
+        return x.new_empty(x.size(0), dtype=torch.float32), dlogits
+
+    def setup_context(ctx, inputs, output):
+        x, w_head, _, _, with_grad = inputs
+        ctx.with_grad = with_grad
+        ctx.save_for_backward(x, w_head, output[1])
+
+    def backward(ctx, dlosses, _):
+        if not ctx.with_grad:
+            raise RuntimeError("softcap_ce ran with with_grad=False: it kept no gradient")
+        x, w_head, dlogits = ctx.saved_tensors
+        scale = dlosses[:, None]
+        dx = ((dlogits @ w_head).float() * scale).to(x.dtype)
+        dw = dlogits.t() @ (x.float() * scale).to(x.dtype)
+        return dx, dw, None, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _SOFTCAP_CE["op"] = op
+    return op
+
+
+def softcap_cross_entropy_fused(x, w_head, targets, cap):
+    """softcap_cross_entropy_plain through the fused op, in autocast's dtype. Register the op
+    (softcap_cross_entropy_op(), as select_loss does) before torch.compile traces this."""
+    import torch
+
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or w_head.requires_grad)
+    op = softcap_cross_entropy_op()
+    return op(x.reshape(-1, x.size(-1)).to(dtype), w_head.to(dtype), targets.reshape(-1), float(cap), with_grad)[0]
+
+
+def select_loss(device, width=512, vocab_size=VOCAB_SIZE):
+    """train.py's loss, per-token cross-entropy of soft-capped logits: fused (Triton) on CUDA GPUs
+    from Ampere on, after a check against plain PyTorch (losses and gradients, bf16) on a few
+    tokens at the model's width and vocabulary; plain PyTorch elsewhere, or when
+    AUTORESEARCH_LOSS=plain. Returns (name, function)."""
+    import torch
+
+    if device.type != "cuda" or os.environ.get("AUTORESEARCH_LOSS") == "plain":
+        return "plain", softcap_cross_entropy_plain
+    try:
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            raise RuntimeError("needs an Ampere or newer GPU")
+        softcap_cross_entropy_op()
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(3, 100, width, device=device, generator=g).requires_grad_()
+        w_head = (torch.randn(vocab_size, width, device=device, generator=g) / width**0.5).requires_grad_()
+        targets = torch.randint(-1, vocab_size, (3, 100), device=device, generator=g)  # some -1: ignored
+        dlosses = torch.rand(300, device=device, generator=g)  # per-token weights, as a mean or a sum gives
+        results = []
+        for fn in (softcap_cross_entropy_fused, softcap_cross_entropy_plain):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                losses = fn(x, w_head, targets, 15.0)
+            results.append([losses, *torch.autograd.grad(losses, (x, w_head), dlosses)])
+        _check_close(*results, "plain PyTorch")
+        return "triton", softcap_cross_entropy_fused
+    except Exception as e:
+        print(f"loss: fused kernel unavailable ({_reason(e)})")
+        return "plain", softcap_cross_entropy_plain
+
+
+# ---------------------------------------------------------------------------
 # Command line
 
 

@@ -302,8 +302,35 @@ def test_fused_mlp_matches_plain_pytorch_and_stays_whole_under_compile(triton_in
     torch.library.opcheck(op, (x, w_fc.requires_grad_(), w_proj))  # fake and autograd agree with the kernel
 
 
+def test_fused_loss_matches_plain_pytorch_and_stays_whole_under_compile(triton_interpreter):
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 70, 24, 300  # the vocabulary is no multiple of the kernel's chunk (128 here): the last one is masked
+    x, w_head = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g)  # logits of ~5: past the cap's linear part
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::7] = -1  # ignored: no loss, no gradient
+    dlosses = torch.rand(N, generator=g)  # a different weight per token: the backward must apply each to its row
+    op = prepare.softcap_cross_entropy_op()
+    losses, dlogits = op(x, w_head, targets, 15.0, True)
+    assert dlogits.shape == (N, V) and not dlogits[::7].any()
+    compiled = torch.compile(prepare.softcap_cross_entropy_fused, fullgraph=True)  # a graph break would raise here
+    results = {}
+    for name, fn in (("plain", prepare.softcap_cross_entropy_plain), ("fused", prepare.softcap_cross_entropy_fused), ("compiled", compiled)):
+        leaves = [x.view(2, 35, C).clone().requires_grad_(), w_head.clone().requires_grad_()]
+        losses = fn(*leaves, targets.view(2, 35), 15.0)
+        results[name] = [losses, *torch.autograd.grad(losses, leaves, dlosses)]
+    assert results["plain"][0].shape == (N,) and (results["plain"][0][::7] == 0).all()
+    for name in ("fused", "compiled"):
+        for got, ref in zip(results[name], results["plain"]):
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            assert ((got - ref).norm() / ref.norm()).item() <= 1e-6, name
+    with torch.no_grad():  # evaluation: the losses only, no gradient written
+        assert (prepare.softcap_cross_entropy_fused(x, w_head, targets, 15.0) - results["plain"][0]).abs().max() < 1e-5
+        assert op(x, w_head, targets, 15.0, False)[1].numel() == 0
+    torch.library.opcheck(op, (x, w_head.requires_grad_(), targets, 15.0, True))  # fake and autograd agree with the kernel
+
+
 def test_start_up_check_refuses_a_kernel_that_disagrees():
-    """The check select_attention and select_mlp run on a GPU before using a fast kernel."""
+    """The check select_attention, select_mlp and select_loss run on a GPU before using a fast kernel."""
     ref = [torch.ones(4, 8), torch.full((3,), 2.0)]
     prepare._check_close([r * 1.01 for r in ref], ref, "plain PyTorch")  # within 2%: passes
     with pytest.raises(RuntimeError, match=r"^output or gradient differs from SDPA \(relative error 0\.05\)$"):
@@ -313,8 +340,9 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
     assert prepare._reason(RuntimeError("first line\nmore")) == "first line" and prepare._reason(MemoryError()) == "MemoryError"
 
 
-def test_select_mlp_off_cuda_is_plain_pytorch(monkeypatch):
+def test_select_mlp_and_loss_off_cuda_are_plain_pytorch():
     assert prepare.select_mlp(torch.device("cpu")) == ("plain", prepare.relu_squared_mlp_plain)
+    assert prepare.select_loss(torch.device("cpu")) == ("plain", prepare.softcap_cross_entropy_plain)
 
 
 def test_hub_lookup_fails_fast_offline(monkeypatch):
