@@ -161,11 +161,11 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.windows[i])
-        logits = self.lm_head(norm(x)).float()
-        logits = 15 * torch.tanh(logits / 15)  # soft cap
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+            return 15 * torch.tanh(self.lm_head(norm(x)).float() / 15)  # the logits, soft-capped
+        # per-token cross-entropy of those logits (0 where the target is -1), fused into one pass on CUDA
+        losses = softcap_cross_entropy(norm(x), self.lm_head.weight, targets, 15)
+        return losses if reduction == "none" else losses.sum() / (targets != -1).sum()
 
 
 # ---------------------------------------------------------------------------
@@ -338,6 +338,7 @@ config = GPTConfig(
     n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
 )
 mlp_name, relu_squared_mlp = prepare.select_mlp(device, model_dim)  # to change the activation, write the MLP out in PyTorch
+loss_name, softcap_cross_entropy = prepare.select_loss(device, model_dim, tokenizer.get_vocab_size())  # to change the loss, write it out
 with torch.device(device):
     model = GPT(config)
 model.init_weights()
@@ -357,7 +358,7 @@ grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 peak = prepare.peak_flops(device)
 gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
-print(f"device: {gpu} | attention: {attention_name} | mlp: {mlp_name} | compile: {use_compile}")
+print(f"device: {gpu} | attention: {attention_name} | mlp: {mlp_name} | loss: {loss_name} | compile: {use_compile}")
 print(f"model: {DEPTH} layers, width {model_dim}, {config.n_head} heads, {num_params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token")
 print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} | time budget: {TIME_BUDGET}s")
 for note in notes:

@@ -4,9 +4,10 @@ through two or more kernel paths; prints the per-step losses side by side.
     uv run benchmarks/same_math.py flex fa4              # on a GPU: a faster path against the plain one
     uv run benchmarks/same_math.py sdpa flex fa4 --steps 20 --batch 16
     uv run benchmarks/same_math.py fa4/plain fa4/triton  # the MLP: plain PyTorch against the fused kernel
+    uv run benchmarks/same_math.py fa4/triton/plain fa4/triton/triton  # the same for the loss
 
 Each variant is an attention backend (fa4, fa3, flex, sdpa), optionally followed by /plain or
-/triton for the MLP (default plain). The first variant is the reference; each other one is
+/triton for the MLP and then /plain or /triton for the loss (default plain). The first variant is the reference; each other one is
 compared with it step by step. On a GPU the model runs in bf16 under torch.compile exactly as in
 train.py, so two correct paths still drift apart by bf16 rounding; compare the gaps with that of
 two plain PyTorch attention backends (sdpa, flex). Needs `uv run prepare.py` (tokenizer, shards).
@@ -35,12 +36,13 @@ def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     return module
 
 
-def training_losses(attention, batches, config, device, compile, mlp=prepare.relu_squared_mlp_plain):
+def training_losses(attention, batches, config, device, compile, mlp=prepare.relu_squared_mlp_plain,
+                    loss=prepare.softcap_cross_entropy_plain):
     """Per-step losses of train.py's GPT and MuonAdamW (constant learning rates) on the given
-    batches, with `attention` and `mlp` as the model's attention and MLP functions (train.py's
-    Setup picks them). Same seed every call."""
+    batches, with `attention`, `mlp` and `loss` as the model's attention, MLP and loss functions
+    (train.py's Setup picks them). Same seed every call."""
     tr = load_train_definitions()  # a fresh copy: its own globals and compiled code
-    tr.attention, tr.relu_squared_mlp = attention, mlp
+    tr.attention, tr.relu_squared_mlp, tr.softcap_cross_entropy = attention, mlp, loss
     torch.manual_seed(0)
     with torch.device(device):
         model = tr.GPT(config)
@@ -63,7 +65,7 @@ def training_losses(attention, batches, config, device, compile, mlp=prepare.rel
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("variants", nargs="+", help="attention backend (fa4, fa3, flex, sdpa) [/plain or /triton MLP]; the first is the reference")
+    parser.add_argument("variants", nargs="+", help="attention backend (fa4, fa3, flex, sdpa) [/plain or /triton MLP [/plain or /triton loss]]; the first is the reference")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     args = parser.parse_args()
@@ -77,13 +79,15 @@ def main():
     loader = prepare.make_dataloader(tokenizer, args.batch, seq_len, "train")
     batches = [next(loader)[:2] for _ in range(args.steps)]
     mlps = {"plain": prepare.relu_squared_mlp_plain, "triton": prepare.relu_squared_mlp_fused}
-    if any(name.endswith("/triton") for name in args.variants):
-        prepare.relu_squared_mlp_op()  # registered before torch.compile meets it (as select_mlp does in train.py)
+    losses = {"plain": prepare.softcap_cross_entropy_plain, "triton": prepare.softcap_cross_entropy_fused}
+    if any("/triton" in name for name in args.variants):  # registered before torch.compile meets them (as train.py's Setup does)
+        prepare.relu_squared_mlp_op()
+        prepare.softcap_cross_entropy_op()
     runs = {}
     for name in args.variants:
-        attention, _, mlp = name.partition("/")
+        attention, mlp, loss = (name.split("/") + ["plain", "plain"])[:3]
         runs[name] = training_losses(prepare.make_attention(attention, device, seq_len), batches, config, device,
-                                     device.type == "cuda", mlps[mlp or "plain"])
+                                     device.type == "cuda", mlps[mlp], losses[loss])
     names = args.variants
     ref = names[0]
     print(f"{'step':>4} " + " ".join(f"{n:>11}" for n in names) + "".join(f" {'|' + n + ' - ' + ref + '|':>24}" for n in names[1:]))
