@@ -14,22 +14,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare  # noqa: E402
+from timing import cuda_ms  # noqa: E402
 
 B, T, C, H = 64, 2048, 512, 2048
-
-
-def cuda_ms(fn, iters=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
 
 g = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(B, T, C, device="cuda", generator=g).bfloat16()
