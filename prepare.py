@@ -813,6 +813,29 @@ def _reason(e):
     return str(e).splitlines()[0][:150] if str(e) else type(e).__name__
 
 
+def _select_fused(name, device, fused, plain, register, inputs):
+    """The start-up check of select_mlp and select_loss: `fused` if it runs here and agrees with
+    `plain` (output and gradients, in bf16 autocast) on inputs(generator) = (args, the args to
+    differentiate, the output's gradient); else `plain`, with a one-line reason. Returns (name, function)."""
+    import torch
+
+    try:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            raise RuntimeError("needs an Ampere or newer GPU (bf16 tensor cores)")
+        register()
+        args, leaves, grad_output = inputs(torch.Generator(device=device).manual_seed(0))
+        results = []
+        for fn in (fused, plain):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = fn(*args)
+            results.append([out, *torch.autograd.grad(out, leaves, grad_output)])
+        _check_close(*results, "plain PyTorch")
+        return "triton", fused
+    except Exception as e:
+        print(f"{name}: fused kernel unavailable ({_reason(e)})")
+        return "plain", plain
+
+
 def select_attention(device, seq_len, head_dim=128):
     """The fastest attention backend that works here, checked against plain SDPA (output and
     gradients) on a small input with the model's head size: flash-attn-4 (Hopper/Blackwell),
@@ -989,24 +1012,14 @@ def select_mlp(device, width=512):
 
     if device.type != "cuda" or os.environ.get("AUTORESEARCH_MLP") == "plain":
         return "plain", relu_squared_mlp_plain
-    try:
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            raise RuntimeError("needs an Ampere or newer GPU (bf16 tensor cores)")
-        relu_squared_mlp_op()
-        g = torch.Generator(device=device).manual_seed(0)
+
+    def inputs(g):
         shapes = [(3, 100, width), (4 * width, width), (width, 4 * width), (3, 100, width)]
         x, w_fc, w_proj, dout = (torch.randn(shape, device=device, generator=g) for shape in shapes)
-        x, w_fc, w_proj = (t.requires_grad_() for t in (x, w_fc, w_proj))
-        results = []
-        for fn in (relu_squared_mlp_fused, relu_squared_mlp_plain):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = fn(x, w_fc, w_proj)
-            results.append([out, *torch.autograd.grad(out, (x, w_fc, w_proj), dout)])
-        _check_close(*results, "plain PyTorch")
-        return "triton", relu_squared_mlp_fused
-    except Exception as e:
-        print(f"mlp: fused kernel unavailable ({_reason(e)})")
-        return "plain", relu_squared_mlp_plain
+        leaves = [t.requires_grad_() for t in (x, w_fc, w_proj)]
+        return leaves, leaves, dout
+
+    return _select_fused("mlp", device, relu_squared_mlp_fused, relu_squared_mlp_plain, relu_squared_mlp_op, inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -1138,25 +1151,15 @@ def select_loss(device, width=512, vocab_size=VOCAB_SIZE):
 
     if device.type != "cuda" or os.environ.get("AUTORESEARCH_LOSS") == "plain":
         return "plain", softcap_cross_entropy_plain
-    try:
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            raise RuntimeError("needs an Ampere or newer GPU")
-        softcap_cross_entropy_op()
-        g = torch.Generator(device=device).manual_seed(0)
+
+    def inputs(g):
         x = torch.randn(3, 100, width, device=device, generator=g).requires_grad_()
         w_head = (torch.randn(vocab_size, width, device=device, generator=g) / width**0.5).requires_grad_()
         targets = torch.randint(-1, vocab_size, (3, 100), device=device, generator=g)  # some -1: ignored
         dlosses = torch.rand(300, device=device, generator=g)  # per-token weights, as a mean or a sum gives
-        results = []
-        for fn in (softcap_cross_entropy_fused, softcap_cross_entropy_plain):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                losses = fn(x, w_head, targets, 15.0)
-            results.append([losses, *torch.autograd.grad(losses, (x, w_head), dlosses)])
-        _check_close(*results, "plain PyTorch")
-        return "triton", softcap_cross_entropy_fused
-    except Exception as e:
-        print(f"loss: fused kernel unavailable ({_reason(e)})")
-        return "plain", softcap_cross_entropy_plain
+        return (x, w_head, targets, 15.0), (x, w_head), dlosses
+
+    return _select_fused("loss", device, softcap_cross_entropy_fused, softcap_cross_entropy_plain, softcap_cross_entropy_op, inputs)
 
 
 # ---------------------------------------------------------------------------

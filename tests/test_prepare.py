@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -338,6 +339,32 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
     with pytest.raises(RuntimeError, match="relative error nan"):
         prepare._check_close([ref[0] * float("nan")], ref[:1], "SDPA")  # NaN fails too
     assert prepare._reason(RuntimeError("first line\nmore")) == "first line" and prepare._reason(MemoryError()) == "MemoryError"
+
+
+def test_fused_path_check_takes_a_kernel_that_agrees_and_refuses_others(capsys):
+    """select_mlp's and select_loss's check (_select_fused), with stand-in kernels: on a GPU it
+    runs the real ones, which Triton's CPU interpreter cannot run in bf16."""
+    cpu = torch.device("cpu")
+
+    def inputs(g):
+        x, w = torch.randn(4, 8, generator=g).requires_grad_(), torch.randn(3, 8, generator=g).requires_grad_()
+        return (x, w), (x, w), torch.ones(4, 3)
+
+    def plain(x, w):
+        return F.linear(x, w)
+
+    registered = []
+    assert prepare._select_fused("mlp", cpu, F.linear, plain, lambda: registered.append(True), inputs) == ("triton", F.linear)
+    assert registered == [True] and capsys.readouterr().out == ""
+    assert prepare._select_fused("mlp", cpu, lambda x, w: plain(x, w) * 1.05, plain, lambda: None, inputs) == ("plain", plain)
+    out = capsys.readouterr().out  # 5% off, give or take bf16 rounding
+    assert re.fullmatch(r"mlp: fused kernel unavailable \(output or gradient differs from plain PyTorch \(relative error 0\.0(49|5|51)\d*\)\)\n", out), out
+
+    def no_triton():
+        raise ImportError("No module named 'triton'")
+
+    assert prepare._select_fused("loss", cpu, F.linear, plain, no_triton, inputs) == ("plain", plain)
+    assert capsys.readouterr().out == "loss: fused kernel unavailable (No module named 'triton')\n"
 
 
 def test_select_mlp_and_loss_off_cuda_are_plain_pytorch():
