@@ -7,8 +7,8 @@ through two or more kernel paths; prints the per-step losses side by side.
     uv run benchmarks/same_math.py fa4/triton/plain fa4/triton/triton  # the same for the loss
 
 Each variant is an attention backend (fa4, fa3, flex, sdpa), optionally followed by /plain or
-/triton for the MLP and then /plain or /triton for the loss (default plain). The first variant is the reference; each other one is
-compared with it step by step. On a GPU the model runs in bf16 under torch.compile exactly as in
+/triton for the MLP and then /plain or /triton for the loss (default plain). The first variant
+is the reference; each other one is compared with it step by step. On a GPU the model runs in bf16 under torch.compile exactly as in
 train.py, so two correct paths still drift apart by bf16 rounding; compare the gaps with that of
 two plain PyTorch attention backends (sdpa, flex). Needs `uv run prepare.py` (tokenizer, shards).
 """

@@ -22,7 +22,7 @@ TRAIN_PY = os.path.join(ROOT, "train.py")
 @pytest.fixture(scope="module")
 def tr():
     module = load_train_definitions()
-    module.attention = prepare.make_attention("sdpa", torch.device("cpu"), 2048)  # both set in Setup
+    module.attention = prepare.make_attention("sdpa", torch.device("cpu"), 2048)  # these three are set in Setup
     module.relu_squared_mlp = prepare.relu_squared_mlp_plain
     module.softcap_cross_entropy = prepare.softcap_cross_entropy_plain
     return module
