@@ -7,8 +7,8 @@ and memory go. Used for the breakdowns in the README's performance section.
 Prints: start-up marks ([startup]), Dynamo's compile-time table after step 0, peak memory of
 step 14's forward+backward and optimizer ([mem]), the inference compile and forward time before
 evaluation ([eval]). Environment: DBS=<n> overrides DEVICE_BATCH_SIZE; PROF=1 also writes a
-torch-profiler table of steps 15-17 and a CUDA memory snapshot of step 14 to $OUT (TAG is added
-to their names). The edits are exact string replacements: if train.py changed, it fails loudly.
+torch-profiler table and chrome trace of steps 15-17 (read the trace with gpu_gaps.py) and a CUDA
+memory snapshot of step 14 to $OUT (TAG is added to their names). The edits are exact string replacements: if train.py changed, it fails loudly.
 """
 
 import os
@@ -22,7 +22,7 @@ def rep(old, new, count=1):
     global src
     assert src.count(old) == count, (old, src.count(old))
     src = src.replace(old, new)
-rep("t_start = time.time()\n", "t_start = time.time()\nDEVICE_BATCH_SIZE = int(os.environ.get('DBS', DEVICE_BATCH_SIZE))\nTAG = os.environ.get('TAG', '')\nPROF = os.environ.get('PROF') == '1'\nOUT = os.environ.get('OUT', '.')\ndef _mark(name):\n    print(f'[startup] {name} {time.time() - t_start:.2f}s', flush=True)\n")
+rep("t_start = time.time()\n", "t_start = time.time()\nimport os\nDEVICE_BATCH_SIZE = int(os.environ.get('DBS', DEVICE_BATCH_SIZE))\nTAG = os.environ.get('TAG', '')\nPROF = os.environ.get('PROF') == '1'\nOUT = os.environ.get('OUT', '.')\ndef _mark(name):\n    print(f'[startup] {name} {time.time() - t_start:.2f}s', flush=True)\n")
 rep("device = prepare.get_device()\n", "device = prepare.get_device()\ntorch.zeros(1, device=device); _mark('cuda init')\n")
 rep("tokenizer = Tokenizer.from_directory()\n", "tokenizer = Tokenizer.from_directory()\n_mark('tokenizer')\n")
 rep("attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)\n", "attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)\n_mark('select_attention')\n")
@@ -37,7 +37,7 @@ rep("    try:\n        loss, x, y, epoch = train_step(train_loader, x, y)\n",
         torch.cuda.reset_peak_memory_stats(); m0 = torch.cuda.memory_allocated()
     if PROF and step == 15:
         _prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-        _prof.__enter__()
+        _prof.__enter__(); _t_prof = time.time()
     try:
         loss, x, y, epoch = train_step(train_loader, x, y)
         if step == 14:
@@ -53,6 +53,8 @@ rep("    optimizer.step()\n    model.zero_grad(set_to_none=True)\n    train_loss
             torch.cuda.memory._dump_snapshot(os.path.join(OUT, f'mem_step14{TAG}.pickle')); torch.cuda.memory._record_memory_history(enabled=None)
     if PROF and step == 17:
         torch.cuda.synchronize(); _prof.__exit__(None, None, None)
+        print(f'[prof] steps 15-17: {(time.time() - _t_prof) * 1000:.1f} ms of wall time', flush=True)
+        _prof.export_chrome_trace(os.path.join(OUT, f'trace{TAG}.json'))
         with open(os.path.join(OUT, f'profile_table{TAG}.txt'), 'w') as f:
             f.write(_prof.key_averages().table(sort_by='cuda_time_total', row_limit=80, max_name_column_width=90))
     if step == 0:

@@ -1,0 +1,73 @@
+"""The GPU-side tools that run off CPUs too: the trace reader and the instrumented copy of train.py."""
+
+import builtins
+import os
+import subprocess
+import symtable
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import gpu_gaps  # noqa: E402
+
+
+def kernel(name, ts, dur, corr):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+
+def test_gpu_gaps_counts_overlaps_once_and_names_the_launching_op():
+    events = [
+        kernel("a", 0, 100, 1),
+        kernel("b", 50, 100, 2),  # overlaps a: busy 0-150
+        kernel("c", 400, 50, 3),  # 250 us idle before it
+        kernel("d", 460, 40, 4),  # 10 us idle before it
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 390, "dur": 5, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "cpu_op", "name": "outer", "ts": 300, "dur": 100, "args": {}},
+        {"ph": "X", "cat": "cpu_op", "name": "inner", "ts": 380, "dur": 15, "args": {}},
+        {"ph": "X", "cat": "cpu_op", "name": "finished before", "ts": 10, "dur": 20, "args": {}},
+        {"ph": "i", "cat": "kernel", "name": "instant, ignored", "ts": 200},
+    ]
+    span, busy, gaps = gpu_gaps.analyse({"traceEvents": events})
+    assert span == 500
+    assert busy == 150 + 50 + 40
+    assert [(g[0], g[1], g[2]) for g in gaps] == [(250, "b", "c"), (10, "c", "d")]
+    assert gaps[0][3] == ["outer", "inner"]  # running when c was launched, outermost first
+    assert gaps[1][3] == []  # d's launch was not recorded
+
+
+def test_gpu_gaps_refuses_a_trace_without_kernels():
+    with pytest.raises(SystemExit, match="no GPU kernels"):
+        gpu_gaps.analyse({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}]})
+
+
+def undefined_globals(source, filename):
+    """Names read somewhere in the file that the module never binds and Python does not provide."""
+    top = symtable.symtable(source, filename, "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    bound |= {c.get_name() for c in top.get_children()}  # functions and classes defined at the top
+    missing, tables = set(), [top]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        for s in table.get_symbols():
+            if (s.is_global() or table is top) and s.is_referenced() and not s.is_assigned() and not s.is_parameter():
+                missing.add(s.get_name())
+    return sorted(n for n in missing - bound if not hasattr(builtins, n))
+
+
+def test_make_instrumented_still_applies_to_train_py(tmp_path):
+    """Its edits are exact string replacements on train.py: a change to train.py that moves one of
+    them must fail here, not on the GPU box."""
+    out = tmp_path / "train_instrumented.py"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_instrumented.py"), "train.py", str(out)], check=True, cwd=ROOT)
+    source = out.read_text()
+    for mark in ("[startup] {name}", "[mem] peak incl optimizer", "[prof] steps 15-17", "export_chrome_trace", "[eval] first forward"):
+        assert mark in source
+    assert undefined_globals(source, str(out)) == []
+
+
+def test_undefined_globals_finds_a_missing_import():
+    assert undefined_globals("import time\ndef f():\n    return os.getcwd(), time.time(), len([])\n", "x.py") == ["os"]
