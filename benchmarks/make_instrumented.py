@@ -8,7 +8,8 @@ Prints: start-up marks ([startup]), Dynamo's compile-time table after step 0, pe
 step 14's forward+backward and optimizer ([mem]), the inference compile and forward time before
 evaluation ([eval]). Environment: DBS=<n> overrides DEVICE_BATCH_SIZE; PROF=1 also writes a
 torch-profiler table and chrome trace of steps 15-17 (read the trace with gpu_gaps.py) and a CUDA
-memory snapshot of step 14 to $OUT (TAG is added to their names). The edits are exact string replacements: if train.py changed, it fails loudly.
+memory snapshot of step 14 to $OUT (TAG is added to their names). The edits are exact string
+replacements: if train.py changed, it fails loudly (tests/test_benchmarks.py checks they apply).
 """
 
 import os
