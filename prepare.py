@@ -628,8 +628,20 @@ def _band_mask(T, window, device):
 
 
 def make_attention(backend, device, seq_len):
-    """attention(q, k, v, window) for one backend: 'fa4', 'fa3', 'flex' or 'sdpa'."""
+    """attention(q, k, v, window) for one backend: 'fa4', 'fa3', 'flex' or 'sdpa'. The masks
+    sdpa and flex build are kept for later calls, except inside a compiled region: a mask stored
+    there would change what the region's guards saw and recompile the whole model at its next call
+    (the mask is built in the graph instead, which is cheap)."""
+    import torch
     import torch.nn.functional as F
+
+    def cached(cache, key, build):
+        value = cache.get(key)
+        if value is None:
+            value = build()
+            if not torch.compiler.is_compiling():
+                cache[key] = value
+        return value
 
     if backend == "sdpa":
         masks = {}
@@ -640,10 +652,8 @@ def make_attention(backend, device, seq_len):
             if window >= T - 1:  # the window covers every earlier position: plain causal
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
-                key = (T, window)
-                if key not in masks:
-                    masks[key] = _band_mask(T, window, q.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[key])
+                mask = cached(masks, (T, window), lambda: _band_mask(T, window, q.device))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return y.transpose(1, 2)
 
         return sdpa
@@ -654,13 +664,10 @@ def make_attention(backend, device, seq_len):
         block_masks = {}
 
         def block_mask(T, window):
-            if (T, window) not in block_masks:
+            def band(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
 
-                def band(b, h, q_idx, kv_idx):
-                    return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
-
-                block_masks[(T, window)] = create_block_mask(band, None, None, T, T, device=str(device))
-            return block_masks[(T, window)]
+            return cached(block_masks, (T, window), lambda: create_block_mask(band, None, None, T, T, device=str(device)))
 
         for w in (seq_len, seq_len // 2):  # build the usual masks now, outside any compiled region
             block_mask(seq_len, w)

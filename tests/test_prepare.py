@@ -244,6 +244,26 @@ def test_attention_backends_match_plain_math(backend, window):
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("windows", [(32, 64), (16, 64)], ids=["default windows", "a new window"])
+def test_attention_masks_do_not_recompile_a_compiled_model(backend, windows):
+    """A mask cached from inside a compiled region changes what its guards saw: the whole model
+    would compile twice (once in step 0's first micro-step, again in its second). Dynamo alone
+    (backend="eager") shows it; flex runs forward only, as it has no CPU backward."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    attention = prepare.make_attention(backend, torch.device("cpu"), 64)
+    q = torch.randn(1, 64, 2, 32, requires_grad=backend == "sdpa")
+    model = torch.compile(lambda q: sum(attention(q, q, q, w) for w in windows), backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = [model(q) for _ in range(3)]
+        if q.requires_grad:
+            outs[-1].sum().backward()
+    expected = sum(reference_attention(q.detach(), q.detach(), q.detach(), w) for w in windows)
+    assert ((outs[-1].detach().double() - expected).norm() / expected.norm()).item() <= 1e-5
+
+
 def test_flash_attention_op_matches_sdpa_and_stays_whole_under_compile():
     """The torch.library wrapper that carries flash-attn-4 into compiled graphs (fake, autograd
     rule, layout), driven by float64 reference kernels since this machine has no GPU."""
