@@ -34,7 +34,7 @@ def analyse(trace):
         return [e["name"] for e in cpu[max(0, i - 5000) : i] if ts <= e["ts"] + e["dur"]]
 
     busy, gaps = 0.0, []
-    end, previous = gpu[0]["ts"], None
+    end, previous = gpu[0]["ts"], gpu[0]
     for k in gpu:
         if k["ts"] > end:
             launched = launches.get(k.get("args", {}).get("correlation"))
