@@ -882,6 +882,14 @@ def select_attention(device, seq_len, head_dim=128):
 # MLP kernel: the ReLU² fused into the matmuls on each side of it (Triton, CUDA)
 
 
+def _autocast_dtype(x):
+    """The dtype autocast would compute x's matmuls in (x's own dtype outside autocast): the fused
+    ops take all their inputs in it, cast as autocast casts them."""
+    import torch
+
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def relu_squared_mlp_plain(x, w_fc, w_proj):
     """relu(x @ w_fc.T)² @ w_proj.T, the MLP of train.py, in plain PyTorch."""
     import torch.nn.functional as F
@@ -1003,9 +1011,7 @@ def relu_squared_mlp_fused(x, w_fc, w_proj):
     """relu_squared_mlp_plain through the fused op, in autocast's dtype (the weights are cast as
     autocast casts them). Register the op (relu_squared_mlp_op(), as select_mlp does) before
     torch.compile traces this: tracing the registration itself breaks the graph there."""
-    import torch
-
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _autocast_dtype(x)
     out = relu_squared_mlp_op()(x.reshape(-1, x.size(-1)).to(dtype), w_fc.to(dtype), w_proj.to(dtype))[0]
     return out.view(*x.shape[:-1], out.size(-1))
 
@@ -1143,7 +1149,7 @@ def softcap_cross_entropy_fused(x, w_head, targets, cap):
     (softcap_cross_entropy_op(), as select_loss does) before torch.compile traces this."""
     import torch
 
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _autocast_dtype(x)
     with_grad = torch.is_grad_enabled() and (x.requires_grad or w_head.requires_grad)
     op = softcap_cross_entropy_op()
     return op(x.reshape(-1, x.size(-1)).to(dtype), w_head.to(dtype), targets.reshape(-1), float(cap), with_grad)[0]

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prepare  # noqa: E402
 
-# Without a GPU, Triton's CPU interpreter runs the fused MLP kernel. It has to be switched on before
+# Without a GPU, Triton's CPU interpreter runs the fused MLP and loss kernels. It has to be switched on before
 # triton is first imported (its standard library is compiled at import), so here, not in a fixture.
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,8 +26,9 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 @pytest.fixture
 def triton_interpreter():
-    """For tests of the fused MLP kernel: Triton's interpreter, on when there is no GPU. It cannot
-    load bf16, so they run in float32; on a GPU, select_mlp checks the bf16 kernel every run."""
+    """For tests of the fused MLP and loss kernels: Triton's interpreter, on when there is no GPU.
+    It cannot load bf16, so they run in float32; on a GPU, select_mlp and select_loss check the bf16
+    kernels every run."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU machine): benchmarks/same_math.py checks the kernel there")
