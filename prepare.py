@@ -901,12 +901,15 @@ _RELU2 = {}
 
 
 def _relu2_matmul():
-    """A Triton matmul with the ReLU² in its epilogue. c = a @ b accumulates in float32 and is
+    """A Triton matmul with the ReLU² in its epilogue. h = a @ b accumulates in float32 and is
     rounded to the output dtype, as a cuBLAS output is; then
-      forward:  c <- h, d <- relu(h)²             (h = x @ w_fc.T; both are kept for the backward)
-      backward: c <- h * 2 relu(d), d read only   (h = dout @ w_proj; d = the pre-activation)
-    Each saves a full pass over a (tokens x 4·width) activation against cuBLAS plus a pointwise
-    kernel: the forward does not read h back, the backward does not write h out and read it back."""
+      forward:  c <- relu(h)²                     (h = x @ w_fc.T; c is kept for the backward)
+      backward: c <- h * 2 sqrt(d), d read only   (h = dout @ w_proj; d = the forward's relu(h)²)
+    The backward recovers relu(h) as sqrt(relu(h)²) instead of keeping h: the forward writes one
+    (tokens x 4·width) activation instead of two and the backward keeps half the memory; the
+    square root of the rounded square is relu(h) to within half a rounding step of its dtype.
+    Against cuBLAS plus pointwise kernels this saves the forward writing h and reading it back,
+    the backward writing its matmul's output and reading it back."""
     if "matmul" in _RELU2:
         return _RELU2["matmul"]
     import torch
@@ -938,12 +941,11 @@ def _relu2_matmul():
         offsets = rm[:, None] * s_cm + rn[None, :] * s_cn
         inside = (rm[:, None] < M) & (rn[None, :] < N)
         if BACKWARD:
-            relu = tl.maximum(tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32), 0.0)
+            relu = tl.sqrt(tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32))
             tl.store(c_ptr + offsets, (h * 2.0 * relu).to(c_ptr.dtype.element_ty), mask=inside)
         else:
-            tl.store(c_ptr + offsets, h.to(c_ptr.dtype.element_ty), mask=inside)
             relu = tl.maximum(h, 0.0)
-            tl.store(d_ptr + offsets, (relu * relu).to(d_ptr.dtype.element_ty), mask=inside)
+            tl.store(c_ptr + offsets, (relu * relu).to(c_ptr.dtype.element_ty), mask=inside)
 
     def blocks(device):
         if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for the tests
@@ -952,15 +954,15 @@ def _relu2_matmul():
             return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)  # Hopper: the fastest of 8 tried
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)  # fits 64 KB of shared memory
 
-    def matmul(a, b, backward, pre=None):
+    def matmul(a, b, post=None):  # forward without post, backward with it
         M, K = a.shape
         N = b.shape[1]
         c = a.new_empty((M, N))
-        d = pre if backward else torch.empty_like(c)
         cfg = blocks(a.device)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        kernel[grid](a, b, c, d, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), BACKWARD=backward, **cfg)
-        return c if backward else (c, d)
+        d = c if post is None else post  # the forward never reads d
+        kernel[grid](a, b, c, d, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), BACKWARD=post is not None, **cfg)
+        return c
 
     _RELU2["matmul"] = matmul
     return matmul
@@ -968,8 +970,10 @@ def _relu2_matmul():
 
 def relu_squared_mlp_op():
     """relu(x @ w_fc.T)² @ w_proj.T for 2-D x, with the Triton matmul above, registered as
-    torch.library ops (autoresearch::relu2_mlp_fwd/_bwd) with fakes and an autograd rule, so
-    that torch.compile keeps each as one opaque node. Inputs share one dtype (bf16 in training)."""
+    torch.library ops (autoresearch::relu2_mlp_fwd_v2/_bwd_v2) with fakes and an autograd rule, so
+    that torch.compile keeps each as one opaque node. Inputs share one dtype (bf16 in training).
+    The names change with the ops' outputs: Inductor's on-disk cache keys on a graph's op names,
+    not on their schemas, and would replay a graph compiled for the old outputs."""
     import torch
     from torch import Tensor
 
@@ -977,29 +981,28 @@ def relu_squared_mlp_op():
         return _RELU2["op"]
     matmul = _relu2_matmul()
 
-    @torch.library.custom_op("autoresearch::relu2_mlp_fwd", mutates_args=())
-    def fwd(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        pre, post = matmul(x, w_fc.t(), backward=False)
-        return post @ w_proj.t(), pre, post
+    @torch.library.custom_op("autoresearch::relu2_mlp_fwd_v2", mutates_args=())
+    def fwd(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
+        post = matmul(x, w_fc.t())
+        return post @ w_proj.t(), post
 
     @fwd.register_fake
     def _(x, w_fc, w_proj):
-        hidden = x.new_empty((x.size(0), w_fc.size(0)))
-        return x.new_empty((x.size(0), w_proj.size(0))), hidden, torch.empty_like(hidden)
+        return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
 
-    @torch.library.custom_op("autoresearch::relu2_mlp_bwd", mutates_args=())
-    def bwd(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, pre: Tensor, post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dpre = matmul(dout, w_proj, backward=True, pre=pre)
+    @torch.library.custom_op("autoresearch::relu2_mlp_bwd_v2", mutates_args=())
+    def bwd(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dpre = matmul(dout, w_proj, post=post)
         return dpre @ w_fc, dpre.t() @ x, dout.t() @ post
 
     @bwd.register_fake
-    def _(dout, x, w_fc, w_proj, pre, post):
+    def _(dout, x, w_fc, w_proj, post):
         return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.save_for_backward(*inputs, output[1])
 
-    def backward(ctx, dout, dpre, dpost):  # pre and post are by-products: no gradient flows into them
+    def backward(ctx, dout, dpost):  # post is a by-product: no gradient flows into it
         return bwd(dout, *ctx.saved_tensors)
 
     fwd.register_autograd(backward, setup_context=setup_context)

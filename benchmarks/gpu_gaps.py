@@ -5,8 +5,9 @@
 
 Prints the span from the first kernel to the last, the time kernels ran (overlaps counted once),
 the idle time left over, the longest gaps with the kernel that ended each and the CPU ops running
-when the next one was launched, and the idle time summed by those CPU ops. Idle time is what CUDA
-graphs or fewer launches could win back; kernel time is what only faster kernels can.
+when the next one was launched, the idle time summed by those CPU ops, and the kernel time by
+kernel name (which kernels to make faster). Idle time is what CUDA graphs or fewer launches could
+win back; kernel time is what only faster kernels can.
 """
 
 import bisect
@@ -45,10 +46,24 @@ def analyse(trace):
     return end - gpu[0]["ts"], busy, sorted(gaps, key=lambda g: -g[0])
 
 
+def by_name(trace):
+    """[(name, total duration in us, calls)] of the GPU events, longest total first."""
+    total, calls = collections.Counter(), collections.Counter()
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES:
+            total[e["name"]] += e["dur"]
+            calls[e["name"]] += 1
+    return [(name, us, calls[name]) for name, us in total.most_common()]
+
+
 def main():
     if len(sys.argv) != 2:
         raise SystemExit("usage: python3 benchmarks/gpu_gaps.py TRACE.json")
-    span, busy, gaps = analyse(json.load(open(sys.argv[1])))
+    try:
+        trace = json.load(open(sys.argv[1]))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read {sys.argv[1]} as a JSON chrome trace ({e}): pass the trace.json the profiler wrote")
+    span, busy, gaps = analyse(trace)
     idle = span - busy
     print(f"span {span / 1e3:.1f} ms | kernels {busy / 1e3:.1f} ms | idle {idle / 1e3:.1f} ms ({100 * idle / span:.1f}%) in {len(gaps)} gaps")
     print("\nlongest gaps:")
@@ -60,6 +75,10 @@ def main():
     print("\nidle time by the CPU ops running at the next launch:")
     for ops, us in by_op.most_common(10):
         print(f"{us / 1e3:8.2f} ms  {ops}")
+
+    print("\nkernel time by name (sums over the whole trace):")
+    for name, us, n in by_name(trace)[:25]:
+        print(f"{us / 1e3:8.2f} ms {n:6d}x  {name[:110]}")
 
 
 if __name__ == "__main__":

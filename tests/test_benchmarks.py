@@ -36,6 +36,8 @@ def test_gpu_gaps_counts_overlaps_once_and_names_the_launching_op():
     assert [(g[0], g[1], g[2]) for g in gaps] == [(250, "b", "c"), (10, "c", "d")]
     assert gaps[0][3] == ["outer", "inner"]  # running when c was launched, outermost first
     assert gaps[1][3] == []  # d's launch was not recorded
+    events += [kernel("a", 600, 30, 5), {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 700, "dur": 7, "args": {}}]
+    assert gpu_gaps.by_name({"traceEvents": events}) == [("a", 130, 2), ("b", 100, 1), ("c", 50, 1), ("d", 40, 1), ("Memset", 7, 1)]
 
 
 def test_gpu_gaps_refuses_a_trace_without_kernels():
