@@ -1,4 +1,5 @@
-"""The GPU-side tools that run off CPUs too: the trace reader and the instrumented copy of train.py."""
+"""The GPU-side tools that run off CPUs too: the trace reader, the instrumented copy of train.py and
+the meta-device count of what the compiled training step keeps for its backward."""
 
 import builtins
 import os
@@ -7,11 +8,13 @@ import symtable
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import gpu_gaps  # noqa: E402
+import saved_activations  # noqa: E402
 
 
 def kernel(name, ts, dur, corr):
@@ -73,3 +76,17 @@ def test_make_instrumented_still_applies_to_train_py(tmp_path):
 
 def test_undefined_globals_finds_a_missing_import():
     assert undefined_globals("import time\ndef f():\n    return os.getcwd(), time.time(), len([])\n", "x.py") == ["os"]
+
+
+def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradient():
+    """Traced on the meta device through Inductor's partitioner: each fused MLP keeps relu(h)² only
+    (keeping h as well doubled its share of the peak), the fused loss its logits' gradient only."""
+    tr = saved_activations.load_train_definitions()
+    config = tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    saved, backward = saved_activations.saved_activations(config, batch=4)
+    tokens = 4 * 256
+    shapes = [shape for _, shape, _, _ in saved]
+    assert shapes.count((tokens, 4 * 128)) == 2  # one per layer
+    assert shapes.count((tokens, 384)) == 1
+    assert all(dtype == torch.bfloat16 or nbytes < tokens * 128 for _, _, dtype, nbytes in saved)  # no float32 activations
+    assert backward["autoresearch.relu2_mlp_bwd_v2.default"] == 2 and backward["autoresearch.meta_trace_bwd.default"] == 2
