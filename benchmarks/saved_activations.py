@@ -32,7 +32,7 @@ def saved_activations(config, batch, budget=1.0, train_path=os.path.join(ROOT, "
     """Returns ([(name, shape, dtype, bytes)] of the activations the forward graph saves for the
     backward, Counter of the backward graph's ops). bf16 weights stand for autocast's copies."""
     import torch._functorch.config as functorch_config
-    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.decomposition import select_decomp_table
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -46,11 +46,11 @@ def saved_activations(config, batch, budget=1.0, train_path=os.path.join(ROOT, "
     def backend(gm, example_inputs):
         def forward_compiler(g, _):
             graphs["saved"] = [n for n in g.graph.nodes if n.op == "output"][0].args[0][1:]  # after the loss
-            return g
+            return make_boxed_func(g)
 
         def backward_compiler(g, _):
             graphs["backward"] = collections.Counter(str(n.target) for n in g.graph.nodes if n.op == "call_function")
-            return g
+            return make_boxed_func(g)
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=backward_compiler,
                                      decompositions=select_decomp_table(), partition_fn=min_cut_rematerialization_partition)
