@@ -36,6 +36,13 @@ def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     return module
 
 
+def train_config(tr, seq_len, vocab_size):
+    """train.py's GPTConfig from its hyperparameters, as its Setup section builds it."""
+    dim = -(-tr.DEPTH * tr.ASPECT_RATIO // tr.HEAD_DIM) * tr.HEAD_DIM
+    return tr.GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=tr.DEPTH, n_head=dim // tr.HEAD_DIM,
+                        n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN)
+
+
 def training_losses(attention, batches, config, device, compile, mlp=prepare.relu_squared_mlp_plain,
                     loss=prepare.softcap_cross_entropy_plain):
     """Per-step losses of train.py's GPT and MuonAdamW (constant learning rates) on the given
@@ -73,9 +80,7 @@ def main():
     seq_len, _, _ = prepare.run_settings(device)
     tokenizer = prepare.Tokenizer.from_directory()
     tr = load_train_definitions()
-    dim = -(-tr.DEPTH * tr.ASPECT_RATIO // tr.HEAD_DIM) * tr.HEAD_DIM
-    config = tr.GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=tr.DEPTH,
-                          n_head=dim // tr.HEAD_DIM, n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN)
+    config = train_config(tr, seq_len, tokenizer.get_vocab_size())
     loader = prepare.make_dataloader(tokenizer, args.batch, seq_len, "train")
     batches = [next(loader)[:2] for _ in range(args.steps)]
     mlps = {"plain": prepare.relu_squared_mlp_plain, "triton": prepare.relu_squared_mlp_fused}

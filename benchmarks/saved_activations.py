@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from same_math import ROOT, load_train_definitions, prepare  # noqa: E402
+from same_math import ROOT, load_train_definitions, prepare, train_config  # noqa: E402
 
 
 def _never_called(*args):
@@ -84,16 +84,14 @@ def main():
     parser.add_argument("--budget", type=float, default=1.0, help="activation_memory_budget, 0 to 1")
     args = parser.parse_args()
     tr = load_train_definitions()
-    dim = -(-tr.DEPTH * tr.ASPECT_RATIO // tr.HEAD_DIM) * tr.HEAD_DIM
-    config = tr.GPTConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=prepare.VOCAB_SIZE, n_layer=tr.DEPTH, n_head=dim // tr.HEAD_DIM,
-                          n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN)
+    config = train_config(tr, prepare.MAX_SEQ_LEN, prepare.VOCAB_SIZE)
     batch = args.batch or tr.DEVICE_BATCH_SIZE
     saved, backward = saved_activations(config, batch, args.budget)
     by_shape, count = collections.Counter(), collections.Counter()
     for _, shape, dtype, nbytes in saved:
         by_shape[shape, dtype] += nbytes
         count[shape, dtype] += 1
-    print(f"{tr.DEPTH} layers, width {dim}, {batch} x {config.sequence_len} tokens, activation_memory_budget {args.budget}")
+    print(f"{tr.DEPTH} layers, width {config.n_embd}, {batch} x {config.sequence_len} tokens, activation_memory_budget {args.budget}")
     print(f"saved for the backward: {sum(by_shape.values()) / 2**30:.2f} GiB in {len(saved)} tensors")
     for (shape, dtype), nbytes in by_shape.most_common(10):
         print(f"  {nbytes / 2**30:6.2f} GiB  {count[shape, dtype]:3d} x {shape} {str(dtype).replace('torch.', '')}")
