@@ -1109,7 +1109,8 @@ def softcap_cross_entropy_op():
     """Per-token losses of cap * tanh(x @ w_head.T / cap) for 2-D x, as a torch.library op
     (autoresearch::softcap_ce) with a fake and an autograd rule: cuBLAS makes the logits, the
     kernel above turns them into the losses and the gradient, and the backward is two matmuls
-    with the incoming per-token gradients applied to their smaller operands."""
+    with the incoming per-token gradients applied to their smaller operands. Changing its inputs
+    or outputs means a new op name (see relu_squared_mlp_op: Inductor's cache keys on names)."""
     import torch
     from torch import Tensor
 
