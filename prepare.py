@@ -918,50 +918,63 @@ def _relu2_matmul():
 
     @triton.jit
     def kernel(a_ptr, b_ptr, c_ptr, d_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-               BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # tiles in groups of GROUP_M rows, so the tiles running together share their b columns in L2
-        pid, grid_m, grid_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
-        rows = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows
-        pid_n = (pid % (GROUP_M * grid_n)) // rows
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tokens x 4·width can pass 2^31 elements
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+               BACKWARD: tl.constexpr, PERSISTENT: tl.constexpr, TILES: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # PERSISTENT: one program per SM walks TILES tiles, and the loops are flattened into one pipeline, so
+        # that a tile's epilogue overlaps the next tile's loads (the forward gains; the backward, whose
+        # epilogue also reads d, loses). TILES is a constexpr (Triton's interpreter cannot loop to a runtime bound):
+        # each new value compiles once more, as a new batch size or width does anyway.
+        grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
-        b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k), other=0.0)
-            b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * s_ak
-            b_ptrs += BLOCK_K * s_bk
-        h = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
-        offsets = rm[:, None] * s_cm + rn[None, :] * s_cn
-        inside = (rm[:, None] < M) & (rn[None, :] < N)
-        if BACKWARD:
-            relu = tl.sqrt(tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32))
-            tl.store(c_ptr + offsets, (h * 2.0 * relu).to(c_ptr.dtype.element_ty), mask=inside)
-        else:
-            relu = tl.maximum(h, 0.0)
-            tl.store(c_ptr + offsets, (relu * relu).to(c_ptr.dtype.element_ty), mask=inside)
+        for i in tl.range(0, TILES, flatten=PERSISTENT):
+            tile = tl.program_id(0) + i * tl.num_programs(0)
+            # tiles in groups of GROUP_M rows, so the tiles running together share their b columns in L2
+            first_m = (tile // (GROUP_M * grid_n)) * GROUP_M
+            rows = max(min(grid_m - first_m, GROUP_M), 1)
+            pid_m = first_m + (tile % (GROUP_M * grid_n)) % rows
+            pid_n = (tile % (GROUP_M * grid_n)) // rows
+            rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tokens x 4·width can pass 2^31 elements
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_in = (rm < M) & (tile < grid_m * grid_n)  # a program's last tile may be past the end
+            a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+            b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = tl.load(a_ptrs, mask=m_in[:, None] & (rk[None, :] < K - k), other=0.0)
+                b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
+                acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K * s_ak
+                b_ptrs += BLOCK_K * s_bk
+            h = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+            offsets = rm[:, None] * s_cm + rn[None, :] * s_cn
+            inside = m_in[:, None] & (rn[None, :] < N)
+            if BACKWARD:
+                relu = tl.sqrt(tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32))
+                tl.store(c_ptr + offsets, (h * 2.0 * relu).to(c_ptr.dtype.element_ty), mask=inside)
+            else:
+                relu = tl.maximum(h, 0.0)
+                tl.store(c_ptr + offsets, (relu * relu).to(c_ptr.dtype.element_ty), mask=inside)
 
-    def blocks(device):
+    def blocks(device, backward):
         if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for the tests
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
-        if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:
-            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)  # Hopper: the fastest of 8 tried
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)  # fits 64 KB of shared memory
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, PERSISTENT=not backward)
+        if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:  # Hopper: the fastest of ~20 tried
+            if backward:
+                return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=False)
+            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=True)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)  # fits 64 KB of shared memory
 
     def matmul(a, b, post=None):  # forward without post, backward with it
         M, K = a.shape
         N = b.shape[1]
         c = a.new_empty((M, N))
-        cfg = blocks(a.device)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        cfg = blocks(a.device, backward=post is not None)
+        tiles = programs = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        if cfg["PERSISTENT"]:  # one program per SM (3 in the interpreter: the tests see programs walk several tiles)
+            programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3)
         d = c if post is None else post  # the forward never reads d
-        kernel[grid](a, b, c, d, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), BACKWARD=post is not None, **cfg)
+        kernel[(programs,)](a, b, c, d, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+                              BACKWARD=post is not None, TILES=triton.cdiv(tiles, programs), **cfg)
         return c
 
     _RELU2["matmul"] = matmul

@@ -303,7 +303,7 @@ def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
 
 def test_fused_mlp_matches_plain_pytorch_and_stays_whole_under_compile(triton_interpreter):
     g = torch.Generator().manual_seed(0)
-    M, C, H = 70, 48, 96  # no multiple of the kernel's blocks (64 x 64 x 32 here): the edges are masked
+    M, C, H = 70, 48, 96  # no multiple of the kernel's blocks (64 x 64 x 32 here): the edges are masked; forward: 4 tiles on 3 programs, two of which step past the end
     x, dout = torch.randn(M, C, generator=g), torch.randn(M, C, generator=g)
     w_fc, w_proj = torch.randn(H, C, generator=g) / 7, torch.randn(C, H, generator=g) / 10
     op = prepare.relu_squared_mlp_op()
