@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
-import torch.nn.functional as F
 
 import prepare
 from prepare import Tokenizer, evaluate_bpb, make_dataloader
@@ -36,8 +36,31 @@ class GPTConfig:
     window_pattern: str = "SSSL"
 
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))  # RMSNorm without a learned weight
+class RMSNorm(torch.autograd.Function):
+    """RMSNorm without a learned weight, as torch.nn.functional.rms_norm, but it keeps its output
+    for the backward instead of its input. The output is kept anyway (by the matmul or attention
+    that reads it), so no norm keeps anything extra: 22% less memory, what lets
+    DEVICE_BATCH_SIZE 128 fit in 29 GB."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 in float32, with float32's eps: as F.rms_norm
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)
+        y = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dx = rstd * (dy - y * mean(dy * y)), exact with y = x * rstd
+        y, rstd = ctx.saved_tensors
+        dyf, yf = dy.to(rstd.dtype), y.to(rstd.dtype)
+        return ((dyf - yf * (dyf * yf).mean(-1, keepdim=True)) * rstd).to(dy.dtype)
+
+
+norm = RMSNorm.apply
+# torch.compile's cache leaves out graphs with an autograd.Function unless told (~5 s more per run);
+# it keys on the Function's traced code, so an edited backward is compiled afresh, not served stale
+torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
 
 
 def has_value_embedding(layer_idx, n_layer):
@@ -82,7 +105,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):  # = self.c_proj(F.relu(self.c_fc(x)).square()), fused into the matmuls on CUDA
+    def forward(self, x):  # = self.c_proj(torch.relu(self.c_fc(x)).square()), fused into the matmuls on CUDA
         return relu_squared_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
@@ -307,7 +330,7 @@ ASPECT_RATIO = 64  # model_dim ~ DEPTH x ASPECT_RATIO, rounded up to a multiple 
 HEAD_DIM = 128
 WINDOW_PATTERN = "SSSL"  # per layer, repeating: S = half-context sliding window, L = full context
 TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step
-DEVICE_BATCH_SIZE = 64  # sequences per micro-step (peak 18 GiB on an H100; 128: ~2x that, ~1.5% faster); halved on OOM
+DEVICE_BATCH_SIZE = 128  # sequences per micro-step (peak 29 GB on an H100; 64: half that, 1.5% slower); halved on OOM
 EMBEDDING_LR = 0.6
 UNEMBEDDING_LR = 0.004
 MATRIX_LR = 0.04

@@ -90,3 +90,19 @@ def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradien
     assert shapes.count((tokens, 384)) == 1
     assert all(dtype == torch.bfloat16 or nbytes < tokens * 128 for _, _, dtype, nbytes in saved)  # no float32 activations
     assert backward["autoresearch.relu2_mlp_bwd_v2.default"] == 2 and backward["autoresearch.meta_trace_bwd.default"] == 2
+
+
+def test_norm_that_keeps_its_output_saves_three_activations_per_layer(tmp_path):
+    """train.py's RMSNorm keeps its output (which the next matmul or attention keeps anyway), not
+    its input: at least three fewer (tokens x width) activations per layer than F.rms_norm."""
+    source = open(os.path.join(ROOT, "train.py")).read()
+    assert source.count("norm = RMSNorm.apply\n") == 1
+    plain = tmp_path / "train_plain_norm.py"
+    plain.write_text(source.replace("norm = RMSNorm.apply\n", "norm = lambda x: torch.nn.functional.rms_norm(x, (x.size(-1),))\n"))
+    tr = saved_activations.load_train_definitions()
+    config = tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    counts = []
+    for path in (os.path.join(ROOT, "train.py"), str(plain)):
+        saved, _ = saved_activations.saved_activations(config, batch=4, train_path=path)
+        counts.append(sum(nbytes == 4 * 256 * 128 * 2 for _, _, _, nbytes in saved))  # bf16, tokens x width
+    assert counts[0] <= counts[1] - 3 * config.n_layer, counts

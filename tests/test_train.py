@@ -60,6 +60,61 @@ def small_model(tr, seed=0, n_layer=2):
     return model
 
 
+def test_norm_is_rms_norm_that_keeps_its_output(tr):
+    """norm's forward is F.rms_norm's bit for bit (float32's eps also for bf16 inputs, which matters
+    for small ones), and its backward, computed from the output, is the exact gradient."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for scale in (1.0, 0.01):
+            x = (torch.randn(4, 9, 256) * scale).to(dtype)
+            assert torch.equal(tr.norm(x), F.rms_norm(x, (256,))), (dtype, scale)
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tr.norm, (x,))
+    # bf16: the gradient from the rounded output is as close to the exact one as F.rms_norm's
+    x = torch.randn(8, 33, 512, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    exact = torch.autograd.grad(F.rms_norm(x.requires_grad_(), (512,)), x, dy)[0]
+    for fn in (tr.norm, lambda t: F.rms_norm(t, (512,))):
+        xb = x.detach().bfloat16().requires_grad_()
+        got = torch.autograd.grad(fn(xb), xb, dy.bfloat16())[0].double()
+        assert ((got - exact).norm() / exact.norm()).item() < 6e-3
+
+
+def test_compile_cache_keeps_norm_and_sees_edits_to_it(tmp_path):
+    """train.py lets torch.compile's cache keep graphs with its autograd.Function (else each run
+    traces them again: ~5 s); the cache must key on the Function's code: an edited backward is
+    compiled afresh, not served from the cache."""
+    script = tmp_path / "grad.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})\n"
+        "from same_math import load_train_definitions\n"
+        "tr = load_train_definitions(sys.argv[1])\n"
+        "from torch._dynamo.utils import counters\n"
+        "torch.manual_seed(0)\n"
+        "x, w = torch.randn(16, 32), torch.randn(32, 32, requires_grad=True)\n"
+        "torch.compile(lambda x, w: tr.norm(x @ w).square().sum())(x, w).backward()\n"
+        "aot = counters['aot_autograd']\n"
+        "print(w.grad.abs().sum().item(), aot['autograd_cache_hit'], aot['autograd_cache_miss'], aot['autograd_cache_bypass'])\n"
+    )
+    edited = tmp_path / "train_edited.py"
+    source = open(TRAIN_PY).read()
+    assert source.count("* rstd).to(dy.dtype)") == 1
+    edited.write_text(source.replace("* rstd).to(dy.dtype)", "* rstd * 2).to(dy.dtype)"))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    runs = []
+    for path in (TRAIN_PY, TRAIN_PY, str(edited)):
+        result = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        grad, hit, miss, bypass = result.stdout.split()
+        runs.append((float(grad), int(hit), int(miss), int(bypass)))
+    (g1, hit1, miss1, bypass1), (g2, hit2, miss2, _), (g3, hit3, miss3, _) = runs
+    assert (hit1, miss1, bypass1) == (0, 1, 0) and (hit2, miss2) == (1, 0) and g2 == g1
+    assert (hit3, miss3) == (0, 1) and g3 == pytest.approx(2 * g1, rel=1e-5)
+
+
 def test_rotary_rotates_the_halves_as_the_spec_writes_it(tr):
     """y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos with base-10000 angles: bit for bit, in bf16
     as on the GPU and in float32, from the model's own cached tables."""
