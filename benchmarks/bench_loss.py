@@ -1,4 +1,4 @@
-"""train.py's loss alone, compiled, forward + backward at the default shapes (64 x 2048 tokens,
+"""train.py's loss alone, compiled, forward + backward at a 64-sequence micro-step's shapes (64 x 2048 tokens,
 width 512, vocabulary 8192, bf16 autocast, float32 lm_head weight, mean over tokens as in
 training): plain PyTorch (lm_head, soft cap, cross-entropy) against the fused Triton kernel that
 prepare.select_loss picks on CUDA, with the lm_head matmuls alone for scale, the memory each keeps

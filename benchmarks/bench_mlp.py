@@ -1,4 +1,4 @@
-"""train.py's MLP alone, compiled, forward + backward at the default shapes (64 x 2048 tokens,
+"""train.py's MLP alone, compiled, forward + backward at a 64-sequence micro-step's shapes (64 x 2048 tokens,
 width 512, hidden 2048, bf16 autocast, float32 weights): plain PyTorch against the fused Triton
 kernel that prepare.select_mlp picks on CUDA, with cuBLAS's matmul alone for scale, the extra
 memory each keeps for the backward, and how far each one's output and gradients are from float32.

@@ -1,5 +1,5 @@
 """The q/k rotary + RMSNorm pass of train.py's attention, compiled, forward and forward+backward at
-the default shapes (64 x 2048, 4 heads of 128): rotary by slicing the halves and concatenating,
+a 64-sequence micro-step's shapes (64 x 2048, 4 heads of 128): rotary by slicing the halves and concatenating,
 against train.py's apply_rotary (rotary by roll), with a plain scale-by-2 of the same tensors as the
 memory-speed yardstick. Needs a CUDA GPU.
 

@@ -31,7 +31,7 @@ device = torch.device("cuda")
 t = time.time()
 fn = prepare.make_attention("fa4", device, 2048)  # imports flash_attn.cute.interface, sets its cache
 mark("make_attention fa4 (the import)", t)
-# the check's shapes (1 x 256, 2 heads), again, then training's (64 x 2048, 4 heads)
+# the check's shapes (1 x 256, 2 heads), again, then a 64-sequence micro-step's (64 x 2048, 4 heads)
 for B, T, H, w in [(1, 256, 2, 64), (1, 256, 2, 256), (1, 256, 2, 64), (64, 2048, 4, 1024), (64, 2048, 4, 2048)]:
     q, k, v, dout = (torch.randn(B, T, H, 128, device=device, dtype=torch.bfloat16) for _ in range(4))
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()

@@ -3,7 +3,7 @@ GPU: the model is traced on PyTorch's meta device (shapes only, no arithmetic) t
 decompositions and min-cut partitioner that torch.compile's Inductor uses, with the GPU path's
 custom ops (flash attention, the fused MLP and loss) in place. Prints the saved activations by
 shape and the backward graph's matmuls and kernel calls. The activations are most of the peak
-memory of a CUDA run (17.56 GiB for the default, whose H100 peak was 18,877 MB = 17.58 GiB);
+memory of a CUDA run (27.37 GiB for the default, whose H100 peak was 29,178 MB = 28.49 GiB);
 weights, optimizer state, transient buffers and allocator slack are not counted.
 
     uv run benchmarks/saved_activations.py                 # train.py's defaults, DEVICE_BATCH_SIZE x 2048
