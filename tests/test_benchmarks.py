@@ -78,11 +78,16 @@ def test_undefined_globals_finds_a_missing_import():
     assert undefined_globals("import time\ndef f():\n    return os.getcwd(), time.time(), len([])\n", "x.py") == ["os"]
 
 
+def tiny_config():
+    """A two-layer model small enough to trace on the meta device in seconds."""
+    tr = saved_activations.load_train_definitions()
+    return tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+
+
 def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradient():
     """Traced on the meta device through Inductor's partitioner: each fused MLP keeps relu(h)² only
     (keeping h as well doubled its share of the peak), the fused loss its logits' gradient only."""
-    tr = saved_activations.load_train_definitions()
-    config = tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    config = tiny_config()
     saved, backward = saved_activations.saved_activations(config, batch=4)
     tokens = 4 * 256
     shapes = [shape for _, shape, _, _ in saved]
@@ -99,8 +104,7 @@ def test_norm_that_keeps_its_output_saves_three_activations_per_layer(tmp_path):
     assert source.count("norm = RMSNorm.apply\n") == 1
     plain = tmp_path / "train_plain_norm.py"
     plain.write_text(source.replace("norm = RMSNorm.apply\n", "norm = lambda x: torch.nn.functional.rms_norm(x, (x.size(-1),))\n"))
-    tr = saved_activations.load_train_definitions()
-    config = tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    config = tiny_config()
     counts = []
     for path in (os.path.join(ROOT, "train.py"), str(plain)):
         saved, _ = saved_activations.saved_activations(config, batch=4, train_path=path)
