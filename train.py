@@ -373,6 +373,7 @@ flops_per_token = model.num_flops_per_token()
 use_compile = device.type == "cuda"
 optimizer = build_optimizer(model, compile_math=use_compile)
 run_model = torch.compile(model, dynamic=False) if use_compile else model
+untimed_steps = 11 if use_compile else 1  # compiling takes the first steps; without it one step warms up
 
 tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
 if TOTAL_BATCH_SIZE % tokens_per_micro:
@@ -414,7 +415,7 @@ def train_step(loader, x, y):
 
 
 # ---------------------------------------------------------------------------
-# Training loop: steps 0-10 compile and warm up, untimed; then train until TIME_BUDGET is spent
+# Training loop: the first untimed_steps compile and warm up; then train until TIME_BUDGET is spent
 
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
 x, y, epoch = next(train_loader)
@@ -457,7 +458,7 @@ while True:
         sys.exit(1)
     prepare.synchronize(device)
     dt = time.time() - t0
-    if step > 10:
+    if step >= untimed_steps:
         training_time += dt
     elif step == 0:
         first_step_seconds = dt  # mostly compilation
@@ -478,7 +479,7 @@ while True:
     elif step % 5000 == 0:
         gc.collect()
     step += 1
-    if step > 10 and training_time >= TIME_BUDGET:
+    if step >= untimed_steps and training_time >= TIME_BUDGET:
         break
 if interactive:
     print()
@@ -490,7 +491,7 @@ model.eval()
 t_eval = time.time()
 val_bpb = evaluate_bpb(run_model, tokenizer, DEVICE_BATCH_SIZE)
 print(f"time outside training: start-up {startup_seconds:.1f}s, step 0 {first_step_seconds:.1f}s, evaluation {time.time() - t_eval:.1f}s")
-timed_steps = max(step - 11, 0)
+timed_steps = max(step - untimed_steps, 0)
 mfu_percent = f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}" if peak and training_time > 0 else "n/a"
 print("---")
 print(f"{'val_bpb:':<18}{val_bpb:.6f}")

@@ -361,7 +361,7 @@ def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
     assert re.fullmatch(r"\d+\.\d{6}", values["val_bpb"])
     assert values["mfu_percent"] == "n/a" and values["peak_vram_mb"] == "0.0" and values["depth"] == "1"
     steps = int(values["num_steps"])
-    assert steps > 11 and float(values["total_tokens_M"]) == pytest.approx(round(steps * 1024 / 1e6, 1))
+    assert steps > 1 and float(values["total_tokens_M"]) == pytest.approx(round(steps * 1024 / 1e6, 1))
     assert float(values["training_seconds"]) >= 2.0
     # better than a model that knows nothing: uniform over the vocabulary, log2(V) bits per token
     tok = prepare.Tokenizer.from_directory(str(tiny_cache / "tokenizer"))
