@@ -18,10 +18,8 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
-import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -616,7 +614,8 @@ def run_settings(device):
     return seq_len, time_budget, notes
 
 
-# ---- attention: q, k, v are (B, T, H, D); a window w lets query i see keys j with i-w <= j <= i
+# ---- attention: q is (B, T, H, D), k and v (B, T, H_kv, D) with H a multiple of H_kv (grouped-query
+# attention when fewer); a window w lets query i see keys j with i - w <= j <= i
 
 
 def _band_mask(T, window, device):
@@ -628,10 +627,10 @@ def _band_mask(T, window, device):
 
 
 def make_attention(backend, device, seq_len):
-    """attention(q, k, v, window) for one backend: 'fa4', 'fa3', 'flex' or 'sdpa'. The masks
-    sdpa and flex build are kept for later calls, except inside a compiled region: a mask stored
-    there would change what the region's guards saw and recompile the whole model at its next call
-    (the mask is built in the graph instead, which is cheap)."""
+    """attention(q, k, v, window) for one backend: 'fa4', 'flex' or 'sdpa'. The masks sdpa and flex
+    build are kept for later calls, except inside a compiled region: a mask stored there would change
+    what the region's guards saw and recompile the whole model at its next call (the mask is built
+    in the graph instead, which is cheap)."""
     import torch
     import torch.nn.functional as F
 
@@ -649,11 +648,12 @@ def make_attention(backend, device, seq_len):
         def sdpa(q, k, v, window):
             T = q.size(1)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            gqa = q.size(1) != k.size(1)
             if window >= T - 1:  # the window covers every earlier position: plain causal
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:
                 mask = cached(masks, (T, window), lambda: _band_mask(T, window, q.device))
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             return y.transpose(1, 2)
 
         return sdpa
@@ -674,22 +674,14 @@ def make_attention(backend, device, seq_len):
 
         def flex(q, k, v, window):
             T = q.size(1)
-            y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask(T, window))
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            y = flex_attention(q, k, v, block_mask=block_mask(T, window), enable_gqa=q.size(1) != k.size(1))
             return y.transpose(1, 2)
 
         return flex
 
     if backend == "fa4":
         return _load_fa4(device)
-
-    if backend == "fa3":
-        fa3 = _load_fa3(device)
-
-        def flash(q, k, v, window):
-            y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-            return y[0] if isinstance(y, tuple) else y
-
-        return flash
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
@@ -706,7 +698,7 @@ def flash_attention_op(name, fwd, bwd):
     import torch
     from torch import Tensor
 
-    if name in _FLASH_OPS:  # an op name can be registered once per process
+    if name in _FLASH_OPS:  # an op name is registered once per process
         return _FLASH_OPS[name]
 
     @torch.library.custom_op(f"autoresearch::{name}_fwd", mutates_args=())
@@ -744,12 +736,13 @@ def flash_attention_op(name, fwd, bwd):
 
 
 def _load_fa4(device):
-    """flash-attn-4 (PyPI, CuTe DSL kernels for Hopper and Blackwell) as a compile-opaque op."""
+    """flash-attn-4 (PyPI, CuTe DSL kernels for Hopper and Blackwell) as a compile-opaque op. It
+    compiles its kernels on first use and keeps them in the cache (compiled GPU code, loaded and
+    run by later runs)."""
     import torch
 
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
         raise RuntimeError("flash-attn-4 needs a Hopper or Blackwell data-centre GPU (sm90/sm100)")
-    # its kernels are compiled on first use; keep them on disk so later runs skip that
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", os.path.join(CACHE_DIR, "flash-attn-4"))
     from flash_attn.cute import interface as fa4
@@ -768,95 +761,48 @@ def _load_fa4(device):
     return flash_attention_op("fa4", fwd, bwd)
 
 
-def _hub_reachable(timeout=3.0):
-    """Can the kernels hub be reached? Answers within `timeout` seconds, even when name lookup
-    itself hangs (socket timeouts do not cover DNS), so an offline machine never waits long."""
-    import threading
-
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    answer = []
-
-    def probe():
-        try:
-            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-            answer.append(True)
-        except (OSError, TypeError):
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answer)
+def relative_error(got, expected):
+    """The largest ||g - e|| / ||e|| over pairs of tensors (NaN if any is NaN): how start-up checks
+    compare a fast kernel with its reference."""
+    errors = [((g.float() - e.float()).norm() / e.float().norm()).item() for g, e in zip(got, expected)]
+    return float("nan") if any(math.isnan(e) for e in errors) else max(errors)
 
 
-def _load_fa3(device):
-    import torch
-
-    if device.type != "cuda":
-        raise RuntimeError("Flash-Attention-3 needs CUDA")
-    if not _hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # a kernel already in the local hub cache still loads
-    from kernels import get_kernel
-
-    hopper = torch.cuda.get_device_capability(device) == (9, 0)
-    repo = "varunneal/flash-attention-3" if hopper else "kernels-community/flash-attn3"
-    try:  # kernels >= 0.15 wants a pinned major version; a repo without versions, its main branch
-        module = get_kernel(repo, version=1)
-    except Exception:
-        module = get_kernel(repo, revision="main")
-    return getattr(module, "flash_attn_interface", module)
-
-
-def _check_close(got, expected, against):
-    """The start-up checks of a fast kernel: each output or gradient within 2% (relative norm)."""
-    for g, e in zip(got, expected):
-        err = (g.float() - e.float()).norm() / e.float().norm()
-        if not err < 2e-2:
-            raise RuntimeError(f"output or gradient differs from {against} (relative error {err:.3g})")
-
-
-def _reason(e):
-    """An exception as the one-line reason printed when a fast path is skipped."""
+def one_line(e):
+    """An exception as the one-line reason printed when a fast path is not taken."""
     return str(e).splitlines()[0][:150] if str(e) else type(e).__name__
 
 
-def _select_fused(name, device, fused, plain, register, inputs):
-    """The start-up check of select_mlp and select_loss: `fused` if it runs here and agrees with
-    `plain` (output and gradients, in bf16 autocast) on inputs(generator) = (args, the args to
-    differentiate, the output's gradient); else `plain`, with a one-line reason. Returns (name, function)."""
-    import torch
+def ops_called(fn):
+    """The names of the operators (aten::..., custom ops) that fn() runs: what a model really calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    try:
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-            raise RuntimeError("needs an Ampere or newer GPU (bf16 tensor cores)")
-        register()
-        args, leaves, grad_output = inputs(torch.Generator(device=device).manual_seed(0))
-        results = []
-        for fn in (fused, plain):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = fn(*args)
-            results.append([out, *torch.autograd.grad(out, leaves, grad_output)])
-        _check_close(*results, "plain PyTorch")
-        return "triton", fused
-    except Exception as e:
-        print(f"{name}: fused kernel unavailable ({_reason(e)})")
-        return "plain", plain
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    names = set()
+    with Recorder():
+        fn()
+    return names
 
 
-def select_attention(device, seq_len, head_dim=128):
+def select_attention(device, seq_len, head_dim=128, n_head=2, n_kv_head=2):
     """The fastest attention backend that works here, checked against plain SDPA (output and
-    gradients) on a small input with the model's head size: flash-attn-4 (Hopper/Blackwell),
-    Flash-Attention-3 from the kernels hub, FlexAttention, then SDPA. Returns (name, function)."""
-    import torch
-
+    gradients) on a small input with the model's head size and head counts: flash-attn-4
+    (Hopper/Blackwell), FlexAttention, then SDPA. Returns (name, function)."""
     import warnings
 
+    import torch
+
     reference = make_attention("sdpa", device, seq_len)
-    candidates = ["fa4", "fa3", "flex"] if device.type == "cuda" else []
+    candidates = ["fa4", "flex"] if device.type == "cuda" else []
     if os.environ.get("AUTORESEARCH_ATTENTION"):  # force one backend, e.g. to compare them
         candidates = [os.environ["AUTORESEARCH_ATTENTION"]]
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, 256, 2, head_dim, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    shapes = [(1, 256, h, head_dim) for h in (n_head, n_kv_head, n_kv_head, n_head)]
+    q, k, v, dout = (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g) for shape in shapes)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def outputs(fn, window):  # attention output and the gradients of q, k, v
@@ -871,325 +817,13 @@ def select_attention(device, seq_len, head_dim=128):
         try:
             fn = make_attention(name, device, seq_len)
             for window in (64, 256):
-                _check_close(outputs(fn, window), outputs(reference, window), "SDPA")
+                err = relative_error(outputs(fn, window), outputs(reference, window))
+                if not err < 2e-2:
+                    raise RuntimeError(f"output or gradient differs from SDPA (relative error {err:.3g})")
             return name, fn
         except Exception as e:
-            print(f"attention: {name} unavailable ({_reason(e)})")
+            print(f"attention: {name} unavailable ({one_line(e)})")
     return "sdpa", reference
-
-
-# ---------------------------------------------------------------------------
-# MLP kernel: the ReLU² fused into the matmuls on each side of it (Triton, CUDA)
-
-
-def _autocast_dtype(x):
-    """The dtype autocast would compute x's matmuls in (x's own dtype outside autocast): the fused
-    ops take all their inputs in it, cast as autocast casts them."""
-    import torch
-
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def relu_squared_mlp_plain(x, w_fc, w_proj):
-    """relu(x @ w_fc.T)² @ w_proj.T, the MLP of train.py, in plain PyTorch."""
-    import torch.nn.functional as F
-
-    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
-
-
-_RELU2 = {}
-
-
-def _relu2_matmul():
-    """A Triton matmul with the ReLU² in its epilogue. h = a @ b accumulates in float32 and is
-    rounded to the output dtype, as a cuBLAS output is; then
-      forward:  c <- relu(h)²                     (h = x @ w_fc.T; c is kept for the backward)
-      backward: c <- h * 2 sqrt(d), d read only   (h = dout @ w_proj; d = the forward's relu(h)²)
-    The backward recovers relu(h) as sqrt(relu(h)²) instead of keeping h: the forward writes one
-    (tokens x 4·width) activation instead of two and the backward keeps half the memory; the
-    square root of the rounded square is relu(h) to within half a rounding step of its dtype.
-    Against cuBLAS plus pointwise kernels this saves the forward writing h and reading it back,
-    the backward writing its matmul's output and reading it back."""
-    if "matmul" in _RELU2:
-        return _RELU2["matmul"]
-    import torch
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(a_ptr, b_ptr, c_ptr, d_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-               BACKWARD: tl.constexpr, PERSISTENT: tl.constexpr, TILES: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # PERSISTENT: one program per SM walks TILES tiles, and the loops are flattened into one pipeline, so
-        # that a tile's epilogue overlaps the next tile's loads (the forward gains; the backward, whose
-        # epilogue also reads d, loses). TILES is a constexpr (Triton's interpreter cannot loop to a runtime bound):
-        # each new value compiles once more, as a new batch size or width does anyway.
-        grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        for i in tl.range(0, TILES, flatten=PERSISTENT):
-            tile = tl.program_id(0) + i * tl.num_programs(0)
-            # tiles in groups of GROUP_M rows, so the tiles running together share their b columns in L2
-            first_m = (tile // (GROUP_M * grid_n)) * GROUP_M
-            rows = max(min(grid_m - first_m, GROUP_M), 1)
-            pid_m = first_m + (tile % (GROUP_M * grid_n)) % rows
-            pid_n = (tile % (GROUP_M * grid_n)) // rows
-            rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tokens x 4·width can pass 2^31 elements
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_in = (rm < M) & (tile < grid_m * grid_n)  # a program's last tile may be past the end
-            a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
-            b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                a = tl.load(a_ptrs, mask=m_in[:, None] & (rk[None, :] < K - k), other=0.0)
-                b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
-                acc = tl.dot(a, b, acc)
-                a_ptrs += BLOCK_K * s_ak
-                b_ptrs += BLOCK_K * s_bk
-            h = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
-            offsets = rm[:, None] * s_cm + rn[None, :] * s_cn
-            inside = m_in[:, None] & (rn[None, :] < N)
-            if BACKWARD:
-                relu = tl.sqrt(tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32))
-                tl.store(c_ptr + offsets, (h * 2.0 * relu).to(c_ptr.dtype.element_ty), mask=inside)
-            else:
-                relu = tl.maximum(h, 0.0)
-                tl.store(c_ptr + offsets, (relu * relu).to(c_ptr.dtype.element_ty), mask=inside)
-
-    def blocks(device, backward):
-        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for the tests
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, PERSISTENT=not backward)
-        if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:  # Hopper: the fastest of ~20 tried
-            if backward:
-                return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=False)
-            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=True)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)  # fits 64 KB of shared memory
-
-    def matmul(a, b, post=None):  # forward without post, backward with it
-        M, K = a.shape
-        N = b.shape[1]
-        c = a.new_empty((M, N))
-        cfg = blocks(a.device, backward=post is not None)
-        tiles = programs = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        if cfg["PERSISTENT"]:  # one program per SM (3 in the interpreter: the tests see programs walk several tiles)
-            programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3)
-        d = c if post is None else post  # the forward never reads d
-        kernel[(programs,)](a, b, c, d, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                              BACKWARD=post is not None, TILES=triton.cdiv(tiles, programs), **cfg)
-        return c
-
-    _RELU2["matmul"] = matmul
-    return matmul
-
-
-def relu_squared_mlp_op():
-    """relu(x @ w_fc.T)² @ w_proj.T for 2-D x, with the Triton matmul above, registered as
-    torch.library ops (autoresearch::relu2_mlp_fwd_v2/_bwd_v2) with fakes and an autograd rule, so
-    that torch.compile keeps each as one opaque node. Inputs share one dtype (bf16 in training).
-    The names change with the ops' outputs: Inductor's on-disk cache keys on a graph's op names,
-    not on their schemas, and would replay a graph compiled for the old outputs."""
-    import torch
-    from torch import Tensor
-
-    if "op" in _RELU2:
-        return _RELU2["op"]
-    matmul = _relu2_matmul()
-
-    @torch.library.custom_op("autoresearch::relu2_mlp_fwd_v2", mutates_args=())
-    def fwd(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
-        post = matmul(x, w_fc.t())
-        return post @ w_proj.t(), post
-
-    @fwd.register_fake
-    def _(x, w_fc, w_proj):
-        return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
-
-    @torch.library.custom_op("autoresearch::relu2_mlp_bwd_v2", mutates_args=())
-    def bwd(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, post: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dpre = matmul(dout, w_proj, post=post)
-        return dpre @ w_fc, dpre.t() @ x, dout.t() @ post
-
-    @bwd.register_fake
-    def _(dout, x, w_fc, w_proj, post):
-        return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, output[1])
-
-    def backward(ctx, dout, dpost):  # post is a by-product: no gradient flows into it
-        return bwd(dout, *ctx.saved_tensors)
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    _RELU2["op"] = fwd
-    return fwd
-
-
-def relu_squared_mlp_fused(x, w_fc, w_proj):
-    """relu_squared_mlp_plain through the fused op, in autocast's dtype (the weights are cast as
-    autocast casts them). Register the op (relu_squared_mlp_op(), as select_mlp does) before
-    torch.compile traces this: tracing the registration itself breaks the graph there."""
-    dtype = _autocast_dtype(x)
-    out = relu_squared_mlp_op()(x.reshape(-1, x.size(-1)).to(dtype), w_fc.to(dtype), w_proj.to(dtype))[0]
-    return out.view(*x.shape[:-1], out.size(-1))
-
-
-def select_mlp(device, width=512):
-    """train.py's MLP, relu(x @ w_fc.T)² @ w_proj.T: fused (Triton) on CUDA GPUs from Ampere on,
-    after a check against plain PyTorch (output and gradients, bf16) on a few tokens at the
-    model's width (so that training reuses the kernels the check compiled); plain PyTorch
-    elsewhere, or when AUTORESEARCH_MLP=plain. Returns (name, function)."""
-    import torch
-
-    if device.type != "cuda" or os.environ.get("AUTORESEARCH_MLP") == "plain":
-        return "plain", relu_squared_mlp_plain
-
-    def inputs(g):
-        shapes = [(3, 100, width), (4 * width, width), (width, 4 * width), (3, 100, width)]
-        x, w_fc, w_proj, dout = (torch.randn(shape, device=device, generator=g) for shape in shapes)
-        leaves = [t.requires_grad_() for t in (x, w_fc, w_proj)]
-        return leaves, leaves, dout
-
-    return _select_fused("mlp", device, relu_squared_mlp_fused, relu_squared_mlp_plain, relu_squared_mlp_op, inputs)
-
-
-# ---------------------------------------------------------------------------
-# Loss kernel: the soft cap and cross-entropy in one pass that also writes the logits' gradient (Triton, CUDA)
-
-
-def softcap_cross_entropy_plain(x, w_head, targets, cap):
-    """Per-token cross-entropy (float32, flattened, 0 where the target is -1) of the soft-capped logits
-    cap * tanh(x @ w_head.T / cap): train.py's loss in plain PyTorch."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = F.linear(x, w_head).float()
-    logits = cap * torch.tanh(logits / cap)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
-
-
-_SOFTCAP_CE = {}
-
-
-def _softcap_ce_kernel():
-    """A Triton kernel, one row of logits per program, in two sweeps over the row: the first
-    soft-caps it and accumulates its log-sum-exp (online, chunk by chunk) and the target's logit,
-    then stores the row's loss; for training, the second reads the row again (from L2) and
-    overwrites it with d loss / d logits. The logits go through DRAM once in and once out; the
-    compiled plain form reads them in the forward, again in the backward, and writes the gradient."""
-    if "kernel" in _SOFTCAP_CE:
-        return _SOFTCAP_CE["kernel"]
-    import torch
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(logits_ptr, targets_ptr, losses_ptr, V: tl.constexpr, stride, cap, inv_cap, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-        row = logits_ptr + tl.program_id(0).to(tl.int64) * stride
-        target = tl.load(targets_ptr + tl.program_id(0))
-        m, s, z_target = -float("inf"), 0.0, 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            u = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_cap
-            t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # tanh(u) (CUDA's own tanh measured no faster here)
-            z = tl.where(cols < V, cap * t, float("-inf"))  # the soft-capped logits
-            m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-            m = m_new
-            z_target += tl.sum(tl.where(cols == target, z, 0.0), 0)
-        lse = m + tl.log(s)
-        valid = target != -1
-        tl.store(losses_ptr + tl.program_id(0), tl.where(valid, lse - z_target, 0.0))
-        if WITH_GRAD:  # (softmax - one-hot) times the cap's derivative, 1 - tanh²
-            for start in range(0, V, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                u = tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_cap
-                t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-                z = cap * t
-                grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
-                tl.store(row + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
-
-    def run(logits, targets, cap, with_grad):
-        N, V = logits.shape
-        losses = torch.empty(N, device=logits.device, dtype=torch.float32)
-        launch = dict(BLOCK_V=2048, num_warps=4) if logits.device.type == "cuda" else dict(BLOCK_V=128)  # 2048 x 4 warps: among the fastest of 6 tried on an H100
-        kernel[(N,)](logits, targets.contiguous(), losses, V, logits.stride(0), cap, 1.0 / cap, WITH_GRAD=with_grad, **launch)
-        return losses
-
-    _SOFTCAP_CE["kernel"] = run
-    return run
-
-
-def softcap_cross_entropy_op():
-    """Per-token losses of cap * tanh(x @ w_head.T / cap) for 2-D x, as a torch.library op
-    (autoresearch::softcap_ce) with a fake and an autograd rule: cuBLAS makes the logits, the
-    kernel above turns them into the losses and the gradient, and the backward is two matmuls
-    with the incoming per-token gradients applied to their smaller operands. Changing its inputs
-    or outputs means a new op name (see relu_squared_mlp_op: Inductor's cache keys on names)."""
-    import torch
-    from torch import Tensor
-
-    if "op" in _SOFTCAP_CE:
-        return _SOFTCAP_CE["op"]
-    kernel = _softcap_ce_kernel()
-
-    @torch.library.custom_op("autoresearch::softcap_ce", mutates_args=())
-    def op(x: Tensor, w_head: Tensor, targets: Tensor, cap: float, with_grad: bool) -> tuple[Tensor, Tensor]:
-        logits = x @ w_head.t()
-        losses = kernel(logits, targets, cap, with_grad)
-        return losses, logits if with_grad else logits.new_empty(0)  # with_grad: d loss_i / d logits_i
-
-    @op.register_fake
-    def _(x, w_head, targets, cap, with_grad):
-        dlogits = x.new_empty((x.size(0), w_head.size(0)) if with_grad else 0)
-        return x.new_empty(x.size(0), dtype=torch.float32), dlogits
-
-    def setup_context(ctx, inputs, output):
-        x, w_head, _, _, with_grad = inputs
-        ctx.with_grad = with_grad
-        ctx.save_for_backward(x, w_head, output[1])
-
-    def backward(ctx, dlosses, _):
-        if not ctx.with_grad:
-            raise RuntimeError("softcap_ce ran with with_grad=False: it kept no gradient")
-        x, w_head, dlogits = ctx.saved_tensors
-        scale = dlosses[:, None]
-        dx = ((dlogits @ w_head).float() * scale).to(x.dtype)
-        dw = dlogits.t() @ (x.float() * scale).to(x.dtype)
-        return dx, dw, None, None, None
-
-    op.register_autograd(backward, setup_context=setup_context)
-    _SOFTCAP_CE["op"] = op
-    return op
-
-
-def softcap_cross_entropy_fused(x, w_head, targets, cap):
-    """softcap_cross_entropy_plain through the fused op, in autocast's dtype. Register the op
-    (softcap_cross_entropy_op(), as select_loss does) before torch.compile traces this."""
-    import torch
-
-    dtype = _autocast_dtype(x)
-    with_grad = torch.is_grad_enabled() and (x.requires_grad or w_head.requires_grad)
-    op = softcap_cross_entropy_op()
-    return op(x.reshape(-1, x.size(-1)).to(dtype), w_head.to(dtype), targets.reshape(-1), float(cap), with_grad)[0]
-
-
-def select_loss(device, width=512, vocab_size=VOCAB_SIZE):
-    """train.py's loss, per-token cross-entropy of soft-capped logits: fused (Triton) on CUDA GPUs
-    from Ampere on, after a check against plain PyTorch (losses and gradients, bf16) on a few
-    tokens at the model's width and vocabulary; plain PyTorch elsewhere, or when
-    AUTORESEARCH_LOSS=plain. Returns (name, function)."""
-    import torch
-
-    if device.type != "cuda" or os.environ.get("AUTORESEARCH_LOSS") == "plain":
-        return "plain", softcap_cross_entropy_plain
-
-    def inputs(g):
-        x = torch.randn(3, 100, width, device=device, generator=g).requires_grad_()
-        w_head = (torch.randn(vocab_size, width, device=device, generator=g) / width**0.5).requires_grad_()
-        targets = torch.randint(-1, vocab_size, (3, 100), device=device, generator=g)  # some -1: ignored
-        dlosses = torch.rand(300, device=device, generator=g)  # per-token weights, as a mean or a sum gives
-        return (x, w_head, targets, 15.0), (x, w_head), dlosses
-
-    return _select_fused("loss", device, softcap_cross_entropy_fused, softcap_cross_entropy_plain, softcap_cross_entropy_op, inputs)
 
 
 # ---------------------------------------------------------------------------

@@ -3,12 +3,14 @@ autoresearch, the half the agent edits: a GPT trained with Muon for a fixed 5 mi
 
     uv run train.py
 
-Read top to bottom: model, optimizer, hyperparameters, setup, training loop, summary. Anything
-goes here as long as the run ends with the summary block that program.md reads. Data, tokenizer,
-metric and platform plumbing live in prepare.py, which is fixed.
+Read top to bottom: the formulas that have fused kernels, the kernels themselves (skip them unless
+you change one), the model, the optimizer, the hyperparameters, setup, training loop, summary.
+Anything goes here as long as the run ends with the summary block that program.md reads. Data,
+tokenizer, metric and platform plumbing live in prepare.py, which is fixed.
 """
 
 import gc
+import hashlib
 import math
 import sys
 import time
@@ -17,9 +19,333 @@ from dataclasses import dataclass
 import torch
 import torch._functorch.config
 import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
 
 import prepare
 from prepare import Tokenizer, evaluate_bpb, make_dataloader
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (macOS, Windows): the formulas run in plain PyTorch
+    triton = tl = None
+triton_jit = triton.jit if triton else lambda fn: fn
+
+# ---------------------------------------------------------------------------
+# Formulas with fused kernels. Each is written twice, side by side: in PyTorch (what the model
+# computes without the kernels, and what each kernel is checked against at start-up) and as a
+# Triton function on a float32 tile (what the kernel calls). Edit both: a kernel that disagrees
+# with its formula is not used, and the header says so (`mlp: plain (fused kernel disagrees ...)`).
+
+
+def activation(h):  # the MLP's nonlinearity: ReLU²
+    return torch.relu(h).square()
+
+
+@triton_jit
+def activation_tile(h):
+    r = tl.maximum(h, 0.0)
+    return r * r
+
+
+@triton_jit
+def activation_grad_tile(y):  # d activation / dh, here from the output: relu(h) = sqrt(relu(h)²)
+    return 2.0 * tl.sqrt(y)
+
+
+ACTIVATION_GRAD_FROM_OUTPUT = True  # False: activation_grad_tile gets h instead, and the kernel keeps h for it
+
+
+def mlp(x, w_fc, w_proj):
+    return F.linear(activation(F.linear(x, w_fc)), w_proj)
+
+
+SOFTCAP = 15.0  # the logits are squashed into (-SOFTCAP, SOFTCAP)
+
+
+def softcap(logits):
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+@triton_jit
+def softcap_tile(logits, cap):  # (the capped logits, their derivative)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * logits / cap) + 1.0)  # tanh
+    return cap * t, 1.0 - t * t
+
+
+def token_losses(x, w_head, targets):
+    """Each token's loss (float32, flattened; 0 where the target is -1): cross-entropy of the
+    soft-capped logits x @ w_head.T."""
+    logits = softcap(F.linear(x, w_head).float())
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
+
+
+@triton_jit
+def token_loss_tile(lse, target_logit):  # from the log-sum-exp of the token's capped logits
+    return lse - target_logit
+
+
+@triton_jit
+def token_loss_grad_tile(probs, is_target, lse):  # d loss / d capped logits; probs = their softmax
+    return probs - is_target
+
+
+# ---------------------------------------------------------------------------
+# Fused kernels (Triton, CUDA from Ampere on): skip this section unless you change a kernel.
+# MLP: a matmul that applies the activation in its epilogue (forward) or the activation's
+# derivative (backward), so the hidden activation is written once and read once. Loss: one pass
+# over each row of logits computes the token's loss and overwrites the row with its gradient.
+# Both are torch.library ops, which torch.compile keeps whole. Inductor's on-disk cache knows an op
+# by its name only, so the names carry a hash of the source from the formulas above to the end of
+# this section: an edit there is compiled afresh, never served stale from the cache.
+
+_source = open(__file__).read()
+OPS_VERSION = hashlib.sha256(_source[_source.index("# Formulas with fused kernels") : _source.index("\n# Model\n")].encode()).hexdigest()[:12]
+MLP_OP = f"autoresearch::mlp_{OPS_VERSION}"
+LOSS_OP = f"autoresearch::token_losses_{OPS_VERSION}"
+
+
+@triton_jit
+def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, post_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bk, s_bn, s_om, s_on,
+                      BACKWARD: tl.constexpr, GRAD_FROM_OUTPUT: tl.constexpr, PERSISTENT: tl.constexpr, TILES: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    # h = a @ b, accumulated in float32 and rounded to the output's dtype (as a cuBLAS output is); then
+    #   forward:  out = activation(h); saved = h, unless the derivative reads the output (out is kept then)
+    #   backward: h is d loss / d activation; out = h * activation'(saved), and post = activation(saved)
+    #             when saved holds the input (the backward's weight gradient needs the activation)
+    # PERSISTENT: one program per SM walks TILES tiles in one flattened pipeline, so that a tile's epilogue
+    # overlaps the next tile's loads. TILES is a constexpr: Triton's interpreter (CPU tests) cannot loop to
+    # a runtime bound. PRECISION: float32 inputs in full float32 ("ieee", for the start-up check), not TF32.
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    for i in tl.range(0, TILES, flatten=PERSISTENT):
+        tile = tl.program_id(0) + i * tl.num_programs(0)
+        # tiles in groups of GROUP_M rows, so that the tiles running together share b's columns in L2
+        first_m = (tile // (GROUP_M * grid_n)) * GROUP_M
+        rows = max(min(grid_m - first_m, GROUP_M), 1)
+        pid_m = first_m + (tile % (GROUP_M * grid_n)) % rows
+        pid_n = (tile % (GROUP_M * grid_n)) // rows
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tokens x hidden can pass 2^31 elements
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_in = (rm < M) & (tile < grid_m * grid_n)  # a program's last tile may be past the end
+        a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+        b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=m_in[:, None] & (rk[None, :] < K - k), other=0.0)
+            b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * s_ak
+            b_ptrs += BLOCK_K * s_bk
+        dtype = out_ptr.dtype.element_ty
+        h = acc.to(dtype).to(tl.float32)
+        offsets = rm[:, None] * s_om + rn[None, :] * s_on
+        inside = m_in[:, None] & (rn[None, :] < N)
+        if BACKWARD:
+            z = tl.load(saved_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, (h * activation_grad_tile(z)).to(dtype), mask=inside)
+            if not GRAD_FROM_OUTPUT:
+                tl.store(post_ptr + offsets, activation_tile(z).to(dtype), mask=inside)
+        else:
+            tl.store(out_ptr + offsets, activation_tile(h).to(dtype), mask=inside)
+            if not GRAD_FROM_OUTPUT:
+                tl.store(saved_ptr + offsets, h.to(dtype), mask=inside)
+
+
+def mlp_matmul_blocks(device, backward):
+    if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for the tests
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, PERSISTENT=not backward)
+    if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:  # Hopper, Blackwell
+        if backward:
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=False)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=True)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)  # fits 64 KB
+
+
+def mlp_matmul(a, b, saved=None):
+    """Forward (saved None): (activation(a @ b), what the backward needs). Backward: (a @ b times the
+    activation's derivative at saved, the activation)."""
+    M, K = a.shape
+    N = b.shape[1]
+    out = a.new_empty((M, N))
+    other = out if ACTIVATION_GRAD_FROM_OUTPUT else a.new_empty((M, N))  # forward: h; backward: the activation
+    cfg = mlp_matmul_blocks(a.device, backward=saved is not None)
+    tiles = programs = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    if cfg["PERSISTENT"]:  # one program per SM (3 in the interpreter, so that the tests see programs walk tiles)
+        programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3)
+    mlp_matmul_kernel[(programs,)](a, b, out, other if saved is None else saved, other, M, N, K, a.stride(0), a.stride(1),
+                                   b.stride(0), b.stride(1), out.stride(0), out.stride(1), BACKWARD=saved is not None,
+                                   GRAD_FROM_OUTPUT=ACTIVATION_GRAD_FROM_OUTPUT, TILES=triton.cdiv(tiles, programs),
+                                   PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
+    if saved is None:
+        return out, other
+    return out, saved if ACTIVATION_GRAD_FROM_OUTPUT else other
+
+
+@torch.library.custom_op(MLP_OP, mutates_args=())
+def mlp_op(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
+    """mlp() for 2-D x, all inputs in one dtype; also returns what its backward needs."""
+    post, saved = mlp_matmul(x, w_fc.t())
+    return post @ w_proj.t(), saved
+
+
+@mlp_op.register_fake
+def _(x, w_fc, w_proj):
+    return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
+
+
+@torch.library.custom_op(MLP_OP + "_backward", mutates_args=())
+def mlp_backward_op(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dh, post = mlp_matmul(dout, w_proj, saved)
+    return dh @ w_fc, dh.t() @ x, dout.t() @ post
+
+
+@mlp_backward_op.register_fake
+def _(dout, x, w_fc, w_proj, saved):
+    return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _mlp_backward(ctx, dout, dsaved):  # saved is a by-product: no gradient flows into it
+    return mlp_backward_op(dout, *ctx.saved_tensors)
+
+
+mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+def autocast_dtype(x):
+    """The dtype autocast computes x's matmuls in (x's own outside autocast): the ops take all their
+    inputs in it, cast as autocast casts them."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def fused_mlp(x, w_fc, w_proj):
+    dtype = autocast_dtype(x)
+    out = mlp_op(x.reshape(-1, x.size(-1)).to(dtype), w_fc.to(dtype), w_proj.to(dtype))[0]
+    return out.view(*x.shape[:-1], out.size(-1))
+
+
+@triton_jit
+def token_losses_kernel(logits_ptr, targets_ptr, losses_ptr, V: tl.constexpr, stride, cap, WITH_GRAD: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+    # One row of logits per program, in two sweeps over the row: the first caps it and accumulates its
+    # log-sum-exp (online, chunk by chunk) and the target's logit, then stores the token's loss; for
+    # training the second reads the row again (from L2) and overwrites it with d loss / d logits.
+    row = logits_ptr + tl.program_id(0).to(tl.int64) * stride
+    target = tl.load(targets_ptr + tl.program_id(0))
+    m, s, target_logit = -float("inf"), 0.0, 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z, _ = softcap_tile(tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32), cap)
+        z = tl.where(cols < V, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m = m_new
+        target_logit += tl.sum(tl.where(cols == target, z, 0.0), 0)
+    lse = m + tl.log(s)
+    valid = target != -1
+    tl.store(losses_ptr + tl.program_id(0), tl.where(valid, token_loss_tile(lse, target_logit), 0.0))
+    if WITH_GRAD:
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z, dz = softcap_tile(tl.load(row + cols, mask=cols < V, other=0.0).to(tl.float32), cap)
+            grad = token_loss_grad_tile(tl.exp(z - lse), tl.where(cols == target, 1.0, 0.0), lse) * dz
+            tl.store(row + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+@torch.library.custom_op(LOSS_OP, mutates_args=())
+def token_losses_op(x: Tensor, w_head: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
+    """token_losses() for 2-D x: cuBLAS makes the logits, the kernel the losses and, with_grad, the
+    logits' gradient in their place (returned for the backward, which is two matmuls)."""
+    logits = x @ w_head.t()
+    losses = torch.empty(x.size(0), device=x.device, dtype=torch.float32)
+    launch = dict(BLOCK_V=2048, num_warps=4) if x.is_cuda else dict(BLOCK_V=128)
+    token_losses_kernel[(x.size(0),)](logits, targets.contiguous(), losses, logits.size(1), logits.stride(0), SOFTCAP,
+                                      WITH_GRAD=with_grad, **launch)
+    return losses, logits if with_grad else logits.new_empty(0)
+
+
+@token_losses_op.register_fake
+def _(x, w_head, targets, with_grad):
+    return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty((x.size(0), w_head.size(0)) if with_grad else 0)
+
+
+def _token_losses_setup_context(ctx, inputs, output):
+    x, w_head, _, ctx.with_grad = inputs
+    ctx.save_for_backward(x, w_head, output[1])
+
+
+def _token_losses_backward(ctx, dlosses, _):
+    if not ctx.with_grad:
+        raise RuntimeError("token_losses_op ran with with_grad=False: it kept no gradient")
+    x, w_head, dlogits = ctx.saved_tensors
+    scale = dlosses[:, None]  # each token's incoming gradient, applied to the smaller operands
+    dx = ((dlogits @ w_head).float() * scale).to(x.dtype)
+    dw = dlogits.t() @ (x.float() * scale).to(x.dtype)
+    return dx, dw, None, None
+
+
+token_losses_op.register_autograd(_token_losses_backward, setup_context=_token_losses_setup_context)
+
+
+def fused_token_losses(x, w_head, targets):
+    dtype = autocast_dtype(x)
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or w_head.requires_grad)
+    return token_losses_op(x.reshape(-1, x.size(-1)).to(dtype), w_head.to(dtype), targets.reshape(-1), with_grad)[0]
+
+
+def check_fused(fused, plain, args, leaves, grad_output, bf16=True):
+    """'' when fused computes what plain does, else why not: output and gradients agree to 1e-4 in
+    float32 (so that a change to one formula shows) and to 2% in bf16 autocast, as in training
+    (relative norms of the differences)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # float32 matmuls in float32, not TF32
+    try:
+        for dtype, tolerance in [(torch.float32, 1e-4)] + [(torch.bfloat16, 2e-2)] * bf16:
+            results = []
+            for fn in (fused, plain):
+                with torch.autocast(args[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    out = fn(*args)
+                results.append([out, *torch.autograd.grad(out, leaves, grad_output)])
+            err = prepare.relative_error(*results)
+            if not err < tolerance:
+                return f"fused kernel disagrees with the formula: max err {err:.1e} in {str(dtype)[6:]}"
+    except Exception as e:
+        return f"fused kernel failed: {prepare.one_line(e)}"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return ""
+
+
+def check_fused_kernels(device, config, bf16=True):
+    """(mlp, loss): '' for each fused kernel that agrees with its formula on a few random tokens at the
+    model's sizes, else why it is not used."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return ("needs an Ampere or newer GPU",) * 2
+    g = torch.Generator(device=device).manual_seed(0)
+    C, V = config.n_embd, config.vocab_size
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(shape, device=device, generator=g) * scale
+
+    x, w_fc, w_proj = (t.requires_grad_() for t in (randn(3, 100, C), randn(4 * C, C, scale=C**-0.5), randn(C, 4 * C, scale=C**-0.5)))
+    mlp_note = check_fused(fused_mlp, mlp, (x, w_fc, w_proj), (x, w_fc, w_proj), randn(3, 100, C), bf16)
+    w_head = randn(V, C, scale=4 * C**-0.5).requires_grad_()  # logits of a few units, some past the cap's linear part
+    targets = torch.randint(-1, V, (3, 100), device=device, generator=g)  # some -1: ignored
+    dlosses = torch.rand(300, device=device, generator=g)  # a weight per token, as a mean or a sum gives
+    loss_note = check_fused(fused_token_losses, token_losses, (x, w_head, targets), (x, w_head), dlosses, bf16)
+    return mlp_note, loss_note
+
+
+def kernel_status(op, note, ran):
+    """The header's word on a fused kernel: 'fused' if the model ran its op, else 'plain (why not)'."""
+    return "fused" if op in ran else f"plain ({note or 'the model does not call it'})"
+
 
 # ---------------------------------------------------------------------------
 # Model
@@ -31,22 +357,24 @@ class GPTConfig:
     vocab_size: int = 8192
     n_layer: int = 8
     n_head: int = 4
-    n_kv_head: int = 4
+    n_kv_head: int = 4  # fewer than n_head: grouped-query attention
     n_embd: int = 512
     window_pattern: str = "SSSL"
+    fused_mlp: bool = False  # mlp() through its fused kernel (Setup turns these on where the kernels pass their check)
+    fused_loss: bool = False  # token_losses() through its fused kernel
 
 
 class RMSNorm(torch.autograd.Function):
-    """RMSNorm without a learned weight, as torch.nn.functional.rms_norm, but it keeps its output
-    for the backward instead of its input. The output is kept anyway (by the matmul or attention
-    that reads it), so no norm keeps anything extra: 22% less memory, what lets
-    DEVICE_BATCH_SIZE 128 fit in 29 GB."""
+    """RMSNorm without a learned weight, as torch.nn.functional.rms_norm, but it keeps its output for
+    the backward instead of its input: the matmul or attention that reads the output keeps it anyway,
+    so the norms keep nothing extra."""
 
     @staticmethod
     def forward(ctx, x):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 in float32, with float32's eps: as F.rms_norm
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)
-        y = (xf * rstd).to(x.dtype)
+        y = xf * rstd
+        y = y if y.dtype == x.dtype else y.to(x.dtype)  # (an output from a no-op .to() gets no gradient under torch.compile)
         ctx.save_for_backward(y, rstd)
         return y
 
@@ -58,8 +386,8 @@ class RMSNorm(torch.autograd.Function):
 
 
 norm = RMSNorm.apply
-# torch.compile's cache leaves out graphs with an autograd.Function unless told (~5 s more per run);
-# it keys on the Function's traced code, so an edited backward is compiled afresh, not served stale
+# torch.compile's cache leaves out graphs with an autograd.Function unless told (each run would trace
+# them again); it keys on the Function's traced code, so an edited backward is compiled afresh
 torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
 
 
@@ -69,14 +397,15 @@ def has_value_embedding(layer_idx, n_layer):
 
 def apply_rotary(x, cos, sin):
     """Rotates the halves: y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos, with cos = [cos, cos] and
-    sin = [sin, -sin] over the full head size. Swapping the halves with roll fuses better than
-    slicing and concatenating them (~2% faster training on an H100)."""
+    sin = [sin, -sin] over the full head size (swapping the halves with roll fuses better than
+    slicing and concatenating them)."""
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, attention):
         super().__init__()
+        self.attention = attention  # attention(q, k, v, window), from prepare.select_attention
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
@@ -95,24 +424,25 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))  # (B, T, n_kv_head)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = attention(q, k, v, window)
+        y = self.attention(q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.fused = config.fused_mlp
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):  # = self.c_proj(torch.relu(self.c_fc(x)).square()), fused into the matmuls on CUDA
-        return relu_squared_mlp(x, self.c_fc.weight, self.c_proj.weight)
+    def forward(self, x):
+        return (fused_mlp if self.fused else mlp)(x, self.c_fc.weight, self.c_proj.weight)
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, attention):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = CausalSelfAttention(config, layer_idx, attention)
         self.mlp = MLP(config)
 
     def forward(self, x, ve, cos, sin, window):
@@ -121,13 +451,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, attention):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i, attention) for i in range(config.n_layer)]),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -184,10 +514,10 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.windows[i])
+        x = norm(x)
         if targets is None:
-            return 15 * torch.tanh(self.lm_head(norm(x)).float() / 15)  # the logits, soft-capped
-        # per-token cross-entropy of those logits (0 where the target is -1), fused into one pass on CUDA
-        losses = softcap_cross_entropy(norm(x), self.lm_head.weight, targets, 15)
+            return softcap(self.lm_head(x).float())
+        losses = (fused_token_losses if self.config.fused_loss else token_losses)(x, self.lm_head.weight, targets)
         return losses if reduction == "none" else losses.sum() / (targets != -1).sum()
 
 
@@ -330,7 +660,7 @@ ASPECT_RATIO = 64  # model_dim ~ DEPTH x ASPECT_RATIO, rounded up to a multiple 
 HEAD_DIM = 128
 WINDOW_PATTERN = "SSSL"  # per layer, repeating: S = half-context sliding window, L = full context
 TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step
-DEVICE_BATCH_SIZE = 128  # sequences per micro-step (peak 29 GB on an H100; 64: half that, 1.5% slower); halved on OOM
+DEVICE_BATCH_SIZE = 128  # sequences per micro-step; halved by itself if the first step runs out of memory
 EMBEDDING_LR = 0.6
 UNEMBEDDING_LR = 0.004
 MATRIX_LR = 0.04
@@ -349,45 +679,49 @@ device = prepare.get_device()
 SEQ_LEN, TIME_BUDGET, notes = prepare.run_settings(device)
 if device.type != "cuda":  # small-machine settings: the GPU ones would take hours per step here
     DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13
-    notes.append(f"no CUDA: DEPTH={DEPTH} DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE}")
+tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
+if TOTAL_BATCH_SIZE % tokens_per_micro:
+    sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE x SEQ_LEN = {tokens_per_micro}")
+grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
-attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(
     sequence_len=SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
     n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
 )
-mlp_name, relu_squared_mlp = prepare.select_mlp(device, model_dim)  # to change the activation, write the MLP out in PyTorch
-loss_name, softcap_cross_entropy = prepare.select_loss(device, model_dim, tokenizer.get_vocab_size())  # to change the loss, write it out
+attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM, config.n_head, config.n_kv_head)
+if device.type == "cuda" and triton is not None:  # '' for each fused kernel that agrees with its formula
+    mlp_note, loss_note = check_fused_kernels(device, config)
+else:
+    mlp_note = loss_note = "no Triton" if device.type == "cuda" else "no CUDA"
+config.fused_mlp, config.fused_loss = not mlp_note, not loss_note
 with torch.device(device):
-    model = GPT(config)
+    model = GPT(config, attention)
 model.init_weights()
 if device.type == "cuda":  # embedding tables in bf16, like the activations that read them
     model.transformer.wte.to(torch.bfloat16)
     model.value_embeds.to(torch.bfloat16)
+probe = torch.zeros((3, 100), dtype=torch.long, device=device)  # the check's token count: its kernels are compiled already
+with torch.no_grad(), prepare.autocast(device):  # which fused kernels the model really calls, for the header
+    ran = prepare.ops_called(lambda: model(probe, probe))
 num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.num_flops_per_token()
 use_compile = device.type == "cuda"
 optimizer = build_optimizer(model, compile_math=use_compile)
 run_model = torch.compile(model, dynamic=False) if use_compile else model
 untimed_steps = 11 if use_compile else 1  # compiling takes the first steps; without it one step warms up
-
-tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
-if TOTAL_BATCH_SIZE % tokens_per_micro:
-    sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE x SEQ_LEN = {tokens_per_micro}")
-grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 peak = prepare.peak_flops(device)
 gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
-print(f"device: {gpu} | attention: {attention_name} | mlp: {mlp_name} | loss: {loss_name} | compile: {use_compile}")
+print(f"device: {gpu} | attention: {attention_name} | mlp: {kernel_status(MLP_OP, mlp_note, ran)} | "
+      f"loss: {kernel_status(LOSS_OP, loss_note, ran)} | compile: {use_compile}")
 print(f"model: {DEPTH} layers, width {model_dim}, {config.n_head} heads, {num_params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token")
 print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} | time budget: {TIME_BUDGET}s")
 for note in notes:
     print(f"NOTE: {note}")
-
 
 def lr_multiplier(progress):
     if progress < WARMUP_RATIO:

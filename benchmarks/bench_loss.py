@@ -1,23 +1,21 @@
 """train.py's loss alone, compiled, forward + backward at a 64-sequence micro-step's shapes (64 x 2048 tokens,
 width 512, vocabulary 8192, bf16 autocast, float32 lm_head weight, mean over tokens as in
-training): plain PyTorch (lm_head, soft cap, cross-entropy) against the fused Triton kernel that
-prepare.select_loss picks on CUDA, with the lm_head matmuls alone for scale, the memory each keeps
+training): train.py's token_losses formula in plain PyTorch (lm_head, soft cap, cross-entropy)
+against its fused Triton kernel, with the lm_head matmuls alone for scale, the memory each keeps
 for the backward, the forward alone without gradients (evaluation), and how far each one's loss
 and gradients are from float64 (on 16 x 2048 tokens). Needs a CUDA GPU.
 
     uv run benchmarks/bench_loss.py
 """
 
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prepare  # noqa: E402
+from same_math import load_train_definitions  # noqa: E402
 from timing import cuda_ms  # noqa: E402
 
-N, C, V, CAP = 64 * 2048, 512, 8192, 15.0
+tr = load_train_definitions()
+N, C, V = 64 * 2048, 512, 8192
 
 g = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(N, C, device="cuda", generator=g).bfloat16()
@@ -35,18 +33,17 @@ print(f"lm_head's three cuBLAS matmuls alone (forward, d x, d w): {matmuls_alone
 
 
 def mean_loss(fn, x, w_head, targets):
-    return fn(x, w_head, targets, CAP).mean()
+    return fn(x, w_head, targets).mean()
 
 
 n = 16 * 2048
 leaves = [x[:n].double().requires_grad_(), w_head.double().requires_grad_()]
-loss = mean_loss(prepare.softcap_cross_entropy_plain, *leaves, targets[:n])
+loss = mean_loss(tr.token_losses, *leaves, targets[:n])
 reference = [loss, *torch.autograd.grad(loss, leaves)]
 del loss
 
-prepare.softcap_cross_entropy_op()  # registered before torch.compile meets it, as select_loss does for train.py
 print(f"{'loss':<8} {'fwd+bwd ms':>10} {'no-grad fwd ms':>14} {'kept MB':>8}  relative error against float64: loss, dx, dw")
-for name, fn in (("plain", prepare.softcap_cross_entropy_plain), ("fused", prepare.softcap_cross_entropy_fused)):
+for name, fn in (("plain", tr.token_losses), ("fused", tr.fused_token_losses)):
     compiled = torch.compile(mean_loss, dynamic=False)
 
     def forward(x, w, t):

@@ -1,21 +1,19 @@
 """train.py's MLP alone, compiled, forward + backward at a 64-sequence micro-step's shapes (64 x 2048 tokens,
-width 512, hidden 2048, bf16 autocast, float32 weights): plain PyTorch against the fused Triton
-kernel that prepare.select_mlp picks on CUDA, with cuBLAS's matmul alone for scale, the extra
+width 512, hidden 2048, bf16 autocast, float32 weights): train.py's mlp formula in plain PyTorch
+against its fused Triton kernel, with cuBLAS's matmul alone for scale, the extra
 memory each keeps for the backward, and how far each one's output and gradients are from float32.
 Needs a CUDA GPU.
 
     uv run benchmarks/bench_mlp.py
 """
 
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prepare  # noqa: E402
+from same_math import load_train_definitions  # noqa: E402
 from timing import cuda_ms  # noqa: E402
 
+tr = load_train_definitions()
 B, T, C, H = 64, 2048, 512, 2048
 
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -29,12 +27,11 @@ ms = cuda_ms(lambda: a @ b.T)
 print(f"cuBLAS matmul alone ({B * T} x {C} @ {C} x {H}): {ms:.3f} ms, {2 * B * T * C * H / ms / 1e9:.0f} TFLOP/s")
 
 leaves = [t.double().requires_grad_() for t in (x, w_fc, w_proj)]
-out = prepare.relu_squared_mlp_plain(*leaves)
+out = tr.mlp(*leaves)
 reference = [out, *torch.autograd.grad(out, leaves, dout.double())]
 
-prepare.relu_squared_mlp_op()  # registered before torch.compile meets it, as select_mlp does for train.py
 print(f"{'MLP':<8} {'fwd+bwd ms':>10} {'kept MB':>8}  relative error against float64: out, dx, dw_fc, dw_proj")
-for name, fn in (("plain", prepare.relu_squared_mlp_plain), ("fused", prepare.relu_squared_mlp_fused)):
+for name, fn in (("plain", tr.mlp), ("fused", tr.fused_mlp)):
     compiled = torch.compile(fn, dynamic=False)
     leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
 

@@ -1,22 +1,19 @@
 """Where the start-up of a GPU run goes: importing flash-attn-4 (and the CuTe DSL compiler under
 it), its first forward and backward per kernel (compiled on a machine's first run, loaded from
-$AUTORESEARCH_CACHE/flash-attn-4 after that), prepare.select_attention's check, select_mlp's
-(Triton compiles the fused MLP kernel on a first run), and the import of torch.compile's
+$AUTORESEARCH_CACHE/flash-attn-4 after that), prepare.select_attention's check, train.py's check of
+its fused kernels (Triton compiles them on a first run), and the import of torch.compile's
 machinery. Run it twice to see first-run and cached figures. Needs a Hopper or Blackwell GPU and
 `uv run prepare.py`'s cache folder.
 
     uv run benchmarks/bench_startup.py
 """
 
-import os
-import sys
 import time
 
 T0 = time.time()
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prepare  # noqa: E402
+from same_math import load_train_definitions, prepare, train_config  # noqa: E402
 
 
 def mark(label, t):
@@ -45,8 +42,9 @@ t = time.time()
 name, _ = prepare.select_attention(device, 2048, 128)
 mark(f"select_attention (again) -> {name}", t)
 t = time.time()
-name, _ = prepare.select_mlp(device, 512)  # compiles the fused MLP kernel on a first run, loads it after
-mark(f"select_mlp -> {name}", t)
+tr = load_train_definitions()
+notes = tr.check_fused_kernels(device, train_config(tr, 2048, 8192))  # compiles the kernels on a first run, loads them after
+mark(f"check_fused_kernels -> {notes}", t)
 t = time.time()
 import torch._dynamo  # noqa: E402, F401
 import torch._inductor.compile_fx  # noqa: E402, F401

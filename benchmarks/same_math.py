@@ -1,16 +1,15 @@
 """Same mathematics: train.py's model and optimizer, trained from the same seed on the same batches
 through two or more kernel paths; prints the per-step losses side by side.
 
-    uv run benchmarks/same_math.py flex fa4              # on a GPU: a faster path against the plain one
-    uv run benchmarks/same_math.py sdpa flex fa4 --steps 20 --batch 16
-    uv run benchmarks/same_math.py fa4/plain fa4/triton  # the MLP: plain PyTorch against the fused kernel
-    uv run benchmarks/same_math.py fa4/triton/plain fa4/triton/triton  # the same for the loss
+    uv run benchmarks/same_math.py flex fa4               # on a GPU: a faster attention against another
+    uv run benchmarks/same_math.py fa4 fa4/mlp fa4/mlp/loss --steps 20 --batch 16
 
-Each variant is an attention backend (fa4, fa3, flex, sdpa), optionally followed by /plain or
-/triton for the MLP and then /plain or /triton for the loss (default plain). The first variant
-is the reference; each other one is compared with it step by step. On a GPU the model runs in bf16 under torch.compile exactly as in
-train.py, so two correct paths still drift apart by bf16 rounding; compare the gaps with that of
-two plain PyTorch attention backends (sdpa, flex). Needs `uv run prepare.py` (tokenizer, shards).
+Each variant is an attention backend (fa4, flex, sdpa), optionally followed by /mlp and /loss: the
+fused kernels of train.py for the MLP and the loss (default: their plain PyTorch formulas). The
+first variant is the reference; each other one is compared with it step by step. On a GPU the
+model runs in bf16 under torch.compile exactly as in train.py, so two correct paths still drift
+apart by bf16 rounding; compare the gaps with that of two plain attention backends (sdpa, flex).
+Needs `uv run prepare.py` (tokenizer, shards).
 """
 
 import argparse
@@ -31,28 +30,29 @@ def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     head = source.split("\n# Setup")[0]
     assert len(head) < len(source), "train.py lost its '# Setup' section marker"
     module = types.ModuleType("train_definitions")
+    module.__file__ = path
     sys.modules[module.__name__] = module  # torch.compile looks classes up by their module's name
     exec(compile(head, path, "exec"), module.__dict__)
     return module
 
 
-def train_config(tr, seq_len, vocab_size):
-    """train.py's GPTConfig from its hyperparameters, as its Setup section builds it."""
+def train_config(tr, seq_len, vocab_size, fused=()):
+    """train.py's GPTConfig from its hyperparameters, as its Setup section builds it; fused names the
+    fused kernels to use ('mlp', 'loss')."""
     dim = -(-tr.DEPTH * tr.ASPECT_RATIO // tr.HEAD_DIM) * tr.HEAD_DIM
     return tr.GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=tr.DEPTH, n_head=dim // tr.HEAD_DIM,
-                        n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN)
+                        n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN,
+                        fused_mlp="mlp" in fused, fused_loss="loss" in fused)
 
 
-def training_losses(attention, batches, config, device, compile, mlp=prepare.relu_squared_mlp_plain,
-                    loss=prepare.softcap_cross_entropy_plain):
+def training_losses(attention, batches, config, device, compile, path=os.path.join(ROOT, "train.py")):
     """Per-step losses of train.py's GPT and MuonAdamW (constant learning rates) on the given
-    batches, with `attention`, `mlp` and `loss` as the model's attention, MLP and loss functions
-    (train.py's Setup picks them). Same seed every call."""
-    tr = load_train_definitions()  # a fresh copy: its own globals and compiled code
-    tr.attention, tr.relu_squared_mlp, tr.softcap_cross_entropy = attention, mlp, loss
+    batches, with `attention` as the model's attention and the fused kernels that config names.
+    Same seed every call."""
+    tr = load_train_definitions(path)  # a fresh copy: its own globals and compiled code
     torch.manual_seed(0)
     with torch.device(device):
-        model = tr.GPT(config)
+        model = tr.GPT(config, attention)
     model.init_weights()
     if device.type == "cuda":  # as train.py does
         model.transformer.wte.to(torch.bfloat16)
@@ -72,7 +72,7 @@ def training_losses(attention, batches, config, device, compile, mlp=prepare.rel
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("variants", nargs="+", help="attention backend (fa4, fa3, flex, sdpa) [/plain or /triton MLP [/plain or /triton loss]]; the first is the reference")
+    parser.add_argument("variants", nargs="+", help="attention backend (fa4, flex, sdpa) [/mlp] [/loss]; the first is the reference")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     args = parser.parse_args()
@@ -80,19 +80,13 @@ def main():
     seq_len, _, _ = prepare.run_settings(device)
     tokenizer = prepare.Tokenizer.from_directory()
     tr = load_train_definitions()
-    config = train_config(tr, seq_len, tokenizer.get_vocab_size())
     loader = prepare.make_dataloader(tokenizer, args.batch, seq_len, "train")
     batches = [next(loader)[:2] for _ in range(args.steps)]
-    mlps = {"plain": prepare.relu_squared_mlp_plain, "triton": prepare.relu_squared_mlp_fused}
-    losses = {"plain": prepare.softcap_cross_entropy_plain, "triton": prepare.softcap_cross_entropy_fused}
-    if any("/triton" in name for name in args.variants):  # registered before torch.compile meets them (as train.py's Setup does)
-        prepare.relu_squared_mlp_op()
-        prepare.softcap_cross_entropy_op()
     runs = {}
     for name in args.variants:
-        attention, mlp, loss = (name.split("/") + ["plain", "plain"])[:3]
-        runs[name] = training_losses(prepare.make_attention(attention, device, seq_len), batches, config, device,
-                                     device.type == "cuda", mlps[mlp], losses[loss])
+        attention, *fused = name.split("/")
+        config = train_config(tr, seq_len, tokenizer.get_vocab_size(), fused)
+        runs[name] = training_losses(prepare.make_attention(attention, device, seq_len), batches, config, device, device.type == "cuda")
     names = args.variants
     ref = names[0]
     print(f"{'step':>4} " + " ".join(f"{n:>11}" for n in names) + "".join(f" {'|' + n + ' - ' + ref + '|':>24}" for n in names[1:]))

@@ -3,8 +3,8 @@ GPU: the model is traced on PyTorch's meta device (shapes only, no arithmetic) t
 decompositions and min-cut partitioner that torch.compile's Inductor uses, with the GPU path's
 custom ops (flash attention, the fused MLP and loss) in place. Prints the saved activations by
 shape and the backward graph's matmuls and kernel calls. The activations are most of the peak
-memory of a CUDA run (27.37 GiB for the default, whose H100 peak was 29,178 MB = 28.49 GiB);
-weights, optimizer state, transient buffers and allocator slack are not counted.
+memory of a CUDA run; weights, optimizer state, transient buffers and allocator slack are not
+counted.
 
     uv run benchmarks/saved_activations.py                 # train.py's defaults, DEVICE_BATCH_SIZE x 2048
     uv run benchmarks/saved_activations.py --batch 128 --budget 0.9
@@ -38,9 +38,7 @@ def saved_activations(config, batch, budget=1.0, train_path=os.path.join(ROOT, "
     from torch.multiprocessing.reductions import StorageWeakRef
 
     tr = load_train_definitions(train_path)
-    tr.attention = prepare.flash_attention_op("meta_trace", _never_called, _never_called)
-    tr.relu_squared_mlp, tr.softcap_cross_entropy = prepare.relu_squared_mlp_fused, prepare.softcap_cross_entropy_fused
-    prepare.relu_squared_mlp_op(), prepare.softcap_cross_entropy_op()  # registered before tracing, as in train.py
+    attention = prepare.flash_attention_op("meta_trace", _never_called, _never_called)
     graphs = {}
 
     def backend(gm, example_inputs):
@@ -56,16 +54,16 @@ def saved_activations(config, batch, budget=1.0, train_path=os.path.join(ROOT, "
                                      decompositions=select_decomp_table(), partition_fn=min_cut_rematerialization_partition)
 
     torch._dynamo.reset()
-    autocast_dtype = prepare._autocast_dtype
-    prepare._autocast_dtype = lambda x: x.dtype  # meta tensors have no autocast state: the weights are bf16 already
+    autocast_dtype = tr.autocast_dtype
+    tr.autocast_dtype = lambda x: x.dtype  # meta tensors have no autocast state: the weights are bf16 already
     try:
         with torch.device("meta"):
-            model = tr.GPT(config).bfloat16()
+            model = tr.GPT(config, attention).bfloat16()
         idx = torch.zeros(batch, config.sequence_len, dtype=torch.long, device="meta")
         with functorch_config.patch(activation_memory_budget=budget):
             torch.compile(model, backend=backend, dynamic=False)(idx, idx).backward()
     finally:
-        prepare._autocast_dtype = autocast_dtype
+        tr.autocast_dtype = autocast_dtype
     saved, storages = [], set()
     for node in graphs["saved"]:
         value = node.meta.get("val")
@@ -84,7 +82,7 @@ def main():
     parser.add_argument("--budget", type=float, default=1.0, help="activation_memory_budget, 0 to 1")
     args = parser.parse_args()
     tr = load_train_definitions()
-    config = train_config(tr, prepare.MAX_SEQ_LEN, prepare.VOCAB_SIZE)
+    config = train_config(tr, prepare.MAX_SEQ_LEN, prepare.VOCAB_SIZE, fused=("mlp", "loss"))
     batch = args.batch or tr.DEVICE_BATCH_SIZE
     saved, backward = saved_activations(config, batch, args.budget)
     by_shape, count = collections.Counter(), collections.Counter()

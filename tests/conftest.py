@@ -14,6 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # tests use the benchmarks' helpers, never the other way round
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prepare  # noqa: E402
@@ -92,6 +93,12 @@ def use_cache(tiny_cache, monkeypatch):
 # ---------------------------------------------------------------------------
 # Flash-attention kernels written out in float64 math, standing in for flash-attn-4's CUDA ones on
 # this GPU-less machine. Same contract: out and lse (B, H, T) forward; dq, dk, dv from lse backward.
+# k and v may have fewer heads than q (grouped-query attention): query head h reads key/value head
+# h // (H / H_kv), as torch's enable_gqa and flash-attn group them.
+
+
+def expand_heads(kv, n_head):
+    return kv.repeat_interleave(n_head // kv.size(2), dim=2)
 
 
 def band_scores(q, k, window):
@@ -99,25 +106,26 @@ def band_scores(q, k, window):
     T, D = q.size(1), q.size(-1)
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
-    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / math.sqrt(D)
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), expand_heads(k, q.size(2)).double()) / math.sqrt(D)
     return scores.masked_fill(~((j <= i) & (i - j <= window)), float("-inf"))
 
 
 def flash_forward(q, k, v, window):
     scores = band_scores(q, k, window)
     lse = scores.logsumexp(-1)
-    out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), v.double())
+    out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), expand_heads(v, q.size(2)).double())
     return out.to(q.dtype), lse.float()
 
 
 def flash_backward(q, k, v, out, dout, lse, window):
-    D = q.size(-1)
+    B, T, H, D = q.shape
     p = (band_scores(q, k, window) - lse.double()[..., None]).exp()  # probabilities, rebuilt from lse
     dout, out = dout.double(), out.double()
     dv = torch.einsum("bhts,bthd->bshd", p, dout)
-    dp = torch.einsum("bthd,bshd->bhts", dout, v.double())
+    dp = torch.einsum("bthd,bshd->bhts", dout, expand_heads(v, H).double())
     delta = (dout * out).sum(-1).transpose(1, 2)[..., None]  # rowsum(dO * O), per head and query
     ds = p * (dp - delta) / math.sqrt(D)
-    dq = torch.einsum("bhts,bshd->bthd", ds, k.double())
+    dq = torch.einsum("bhts,bshd->bthd", ds, expand_heads(k, H).double())
     dk = torch.einsum("bhts,bthd->bshd", ds, q.double())
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    group = (B, T, k.size(2), H // k.size(2), D)  # the query heads of a group add up on their key/value head
+    return dq.to(q.dtype), dk.view(group).sum(3).to(k.dtype), dv.view(group).sum(3).to(v.dtype)

@@ -60,7 +60,7 @@ def undefined_globals(source, filename):
         for s in table.get_symbols():
             if (s.is_global() or table is top) and s.is_referenced() and not s.is_assigned() and not s.is_parameter():
                 missing.add(s.get_name())
-    return sorted(n for n in missing - bound if not hasattr(builtins, n))
+    return sorted(n for n in missing - bound - {"__file__"} if not hasattr(builtins, n))
 
 
 def test_make_instrumented_still_applies_to_train_py(tmp_path):
@@ -81,7 +81,7 @@ def test_undefined_globals_finds_a_missing_import():
 def tiny_config():
     """A two-layer model small enough to trace on the meta device in seconds."""
     tr = saved_activations.load_train_definitions()
-    return tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    return tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128, fused_mlp=True, fused_loss=True)
 
 
 def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradient():
@@ -94,7 +94,9 @@ def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradien
     assert shapes.count((tokens, 4 * 128)) == 2  # one per layer
     assert shapes.count((tokens, 384)) == 1
     assert all(dtype == torch.bfloat16 or nbytes < tokens * 128 for _, _, dtype, nbytes in saved)  # no float32 activations
-    assert backward["autoresearch.relu2_mlp_bwd_v2.default"] == 2 and backward["autoresearch.meta_trace_bwd.default"] == 2
+    tr = saved_activations.load_train_definitions()
+    mlp_backward = f"autoresearch.mlp_{tr.OPS_VERSION}_backward.default"
+    assert backward[mlp_backward] == 2 and backward["autoresearch.meta_trace_bwd.default"] == 2
 
 
 def test_norm_that_keeps_its_output_saves_three_activations_per_layer(tmp_path):

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import re
 import shutil
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
-from conftest import band_scores, flash_backward, flash_forward, make_shards, sample_data_dir, synthetic_documents, write_shard
+from conftest import make_shards, sample_data_dir, synthetic_documents, write_shard
 from naive_packing import naive_batches
 
 # ---------------------------------------------------------------------------
@@ -220,197 +219,6 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
     got = prepare.evaluate_bpb(KnownLoss(8192), tok, B)
     assert got == pytest.approx(uniform, rel=1e-6)  # float32 cross-entropy of ln 8192
     assert prepare.evaluate_bpb(KnownLoss(8192), tok, B) == got  # deterministic
-
-
-# ---------------------------------------------------------------------------
-# Attention backends against plain math with the band mask
-
-
-def reference_attention(q, k, v, window):
-    return torch.einsum("bhts,bshd->bthd", band_scores(q, k, window).softmax(-1), v.double())
-
-
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on purpose: the CPU path
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-@pytest.mark.parametrize("window", [1, 16, 63, 64, 200])
-def test_attention_backends_match_plain_math(backend, window):
-    T = 64
-    fn = prepare.make_attention(backend, torch.device("cpu"), T)
-    g = torch.Generator().manual_seed(window)
-    q, k, v = (torch.randn(2, T, 3, 32, generator=g) for _ in range(3))
-    ref = reference_attention(q, k, v, window)
-    out = fn(q, k, v, window)
-    assert out.shape == q.shape and out.dtype == torch.float32
-    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
-
-
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-@pytest.mark.parametrize("windows", [(32, 64), (16, 64)], ids=["default windows", "a new window"])
-def test_attention_masks_do_not_recompile_a_compiled_model(backend, windows):
-    """A mask cached from inside a compiled region changes what its guards saw: the whole model
-    would compile twice (once in step 0's first micro-step, again in its second). Dynamo alone
-    (backend="eager") shows it; flex runs forward only, as it has no CPU backward."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    attention = prepare.make_attention(backend, torch.device("cpu"), 64)
-    q = torch.randn(1, 64, 2, 32, requires_grad=backend == "sdpa")
-    model = torch.compile(lambda q: sum(attention(q, q, q, w) for w in windows), backend="eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        outs = [model(q) for _ in range(3)]
-        if q.requires_grad:
-            outs[-1].sum().backward()
-    expected = sum(reference_attention(q.detach(), q.detach(), q.detach(), w) for w in windows)
-    assert ((outs[-1].detach().double() - expected).norm() / expected.norm()).item() <= 1e-5
-
-
-def test_flash_attention_op_matches_sdpa_and_stays_whole_under_compile():
-    """The torch.library wrapper that carries flash-attn-4 into compiled graphs (fake, autograd
-    rule, layout), driven by float64 reference kernels since this machine has no GPU."""
-    attention = prepare.flash_attention_op("reference", flash_forward, flash_backward)
-    assert prepare.flash_attention_op("reference", flash_forward, flash_backward) is attention  # registered once
-    sdpa = prepare.make_attention("sdpa", torch.device("cpu"), 64)
-    compiled = torch.compile(attention, fullgraph=True)  # a graph break inside would raise here
-    g = torch.Generator().manual_seed(0)
-    for window in (1, 16, 63):
-        q, k, v, dout = (torch.randn(2, 64, 3, 32, generator=g) for _ in range(4))
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-        results = {}
-        for name, fn in (("sdpa", sdpa), ("op", attention), ("compiled op", compiled)):
-            out = fn(q, k, v, window)
-            results[name] = [out, *torch.autograd.grad(out, (q, k, v), dout)]
-        for name in ("op", "compiled op"):
-            for got, ref in zip(results[name], results["sdpa"]):
-                assert got.shape == ref.shape and got.dtype == torch.float32
-                assert ((got - ref).norm() / ref.norm()).item() <= 1e-5, (name, window)
-    torch.library.opcheck(torch.ops.autoresearch.reference_fwd.default, (q, k, v, 16))  # fake and autograd agree
-
-
-def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
-    name, fn = prepare.select_attention(torch.device("cpu"), 64)
-    assert name == "sdpa"
-    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa3")  # asked for, but impossible here: said, then SDPA
-    name, fn = prepare.select_attention(torch.device("cpu"), 64)
-    assert name == "sdpa" and "attention: fa3 unavailable (Flash-Attention-3 needs CUDA)" in capsys.readouterr().out
-    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa4")
-    name, fn = prepare.select_attention(torch.device("cpu"), 64)
-    assert name == "sdpa" and "attention: fa4 unavailable (flash-attn-4 needs a Hopper or Blackwell" in capsys.readouterr().out
-    # FlexAttention's forward runs on a CPU but its backward does not: the gradient check catches it
-    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "flex")
-    name, fn = prepare.select_attention(torch.device("cpu"), 64, head_dim=32)
-    assert name == "sdpa" and "attention: flex unavailable (FlexAttention does not support backward on CPU" in capsys.readouterr().out
-
-
-def test_fused_mlp_matches_plain_pytorch_and_stays_whole_under_compile(triton_interpreter):
-    g = torch.Generator().manual_seed(0)
-    M, C, H = 70, 48, 96  # no multiple of the kernel's blocks (64 x 64 x 32 here): the edges are masked; forward: 4 tiles on 3 programs, two of which step past the end
-    x, dout = torch.randn(M, C, generator=g), torch.randn(M, C, generator=g)
-    w_fc, w_proj = torch.randn(H, C, generator=g) / 7, torch.randn(C, H, generator=g) / 10
-    op = prepare.relu_squared_mlp_op()
-    out, post = op(x, w_fc, w_proj)
-    expected = (x @ w_fc.T).relu().square()  # kept for the backward: its weight gradient and sqrt(post) = relu(h)
-    assert ((post - expected).abs().max() / expected.max()).item() < 1e-6 and (post[expected == 0] == 0).all()
-    compiled = torch.compile(prepare.relu_squared_mlp_fused, fullgraph=True)  # a graph break would raise here
-    results = {}
-    for name, fn in (("plain", prepare.relu_squared_mlp_plain), ("fused", prepare.relu_squared_mlp_fused), ("compiled", compiled)):
-        leaves = [t.clone().requires_grad_() for t in (x.view(2, 35, C), w_fc, w_proj)]
-        out = fn(*leaves)
-        results[name] = [out, *torch.autograd.grad(out, leaves, dout.view(2, 35, C))]
-    for name in ("fused", "compiled"):
-        for got, ref in zip(results[name], results["plain"]):
-            assert got.shape == ref.shape and got.dtype == torch.float32
-            assert ((got - ref).norm() / ref.norm()).item() <= 1e-6, name
-    torch.library.opcheck(op, (x, w_fc.requires_grad_(), w_proj))  # fake and autograd agree with the kernel
-
-
-def test_fused_loss_matches_plain_pytorch_and_stays_whole_under_compile(triton_interpreter):
-    g = torch.Generator().manual_seed(0)
-    N, C, V = 70, 24, 300  # the vocabulary is no multiple of the kernel's chunk (128 here): the last one is masked
-    x, w_head = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g)  # logits of ~5: past the cap's linear part
-    targets = torch.randint(0, V, (N,), generator=g)
-    targets[::7] = -1  # ignored: no loss, no gradient
-    dlosses = torch.rand(N, generator=g)  # a different weight per token: the backward must apply each to its row
-    op = prepare.softcap_cross_entropy_op()
-    losses, dlogits = op(x, w_head, targets, 15.0, True)
-    assert dlogits.shape == (N, V) and not dlogits[::7].any()
-    compiled = torch.compile(prepare.softcap_cross_entropy_fused, fullgraph=True)  # a graph break would raise here
-    results = {}
-    for name, fn in (("plain", prepare.softcap_cross_entropy_plain), ("fused", prepare.softcap_cross_entropy_fused), ("compiled", compiled)):
-        leaves = [x.view(2, 35, C).clone().requires_grad_(), w_head.clone().requires_grad_()]
-        losses = fn(*leaves, targets.view(2, 35), 15.0)
-        results[name] = [losses, *torch.autograd.grad(losses, leaves, dlosses)]
-    assert results["plain"][0].shape == (N,) and (results["plain"][0][::7] == 0).all()
-    for name in ("fused", "compiled"):
-        for got, ref in zip(results[name], results["plain"]):
-            assert got.shape == ref.shape and got.dtype == torch.float32
-            assert ((got - ref).norm() / ref.norm()).item() <= 1e-6, name
-    with torch.no_grad():  # evaluation: the losses only, no gradient written
-        assert (prepare.softcap_cross_entropy_fused(x, w_head, targets, 15.0) - results["plain"][0]).abs().max() < 1e-5
-        assert op(x, w_head, targets, 15.0, False)[1].numel() == 0
-    torch.library.opcheck(op, (x, w_head.requires_grad_(), targets, 15.0, True))  # fake and autograd agree with the kernel
-
-
-def test_start_up_check_refuses_a_kernel_that_disagrees():
-    """The check select_attention, select_mlp and select_loss run on a GPU before using a fast kernel."""
-    ref = [torch.ones(4, 8), torch.full((3,), 2.0)]
-    prepare._check_close([r * 1.01 for r in ref], ref, "plain PyTorch")  # within 2%: passes
-    with pytest.raises(RuntimeError, match=r"^output or gradient differs from SDPA \(relative error 0\.05\)$"):
-        prepare._check_close([ref[0], ref[1] * 1.05], ref, "SDPA")
-    with pytest.raises(RuntimeError, match="relative error nan"):
-        prepare._check_close([ref[0] * float("nan")], ref[:1], "SDPA")  # NaN fails too
-    assert prepare._reason(RuntimeError("first line\nmore")) == "first line" and prepare._reason(MemoryError()) == "MemoryError"
-
-
-def test_fused_path_check_takes_a_kernel_that_agrees_and_refuses_others(capsys):
-    """select_mlp's and select_loss's check (_select_fused), with stand-in kernels: on a GPU it
-    runs the real ones, which Triton's CPU interpreter cannot run in bf16."""
-    cpu = torch.device("cpu")
-
-    def inputs(g):
-        x, w = torch.randn(4, 8, generator=g).requires_grad_(), torch.randn(3, 8, generator=g).requires_grad_()
-        return (x, w), (x, w), torch.ones(4, 3)
-
-    def plain(x, w):
-        return F.linear(x, w)
-
-    registered = []
-    assert prepare._select_fused("mlp", cpu, F.linear, plain, lambda: registered.append(True), inputs) == ("triton", F.linear)
-    assert registered == [True] and capsys.readouterr().out == ""
-    assert prepare._select_fused("mlp", cpu, lambda x, w: plain(x, w) * 1.05, plain, lambda: None, inputs) == ("plain", plain)
-    out = capsys.readouterr().out  # 5% off, give or take bf16 rounding
-    assert re.fullmatch(r"mlp: fused kernel unavailable \(output or gradient differs from plain PyTorch \(relative error 0\.0(49|5|51)\d*\)\)\n", out), out
-
-    def no_triton():
-        raise ImportError("No module named 'triton'")
-
-    assert prepare._select_fused("loss", cpu, F.linear, plain, no_triton, inputs) == ("plain", plain)
-    assert capsys.readouterr().out == "loss: fused kernel unavailable (No module named 'triton')\n"
-
-
-def test_select_mlp_and_loss_off_cuda_are_plain_pytorch():
-    assert prepare.select_mlp(torch.device("cpu")) == ("plain", prepare.relu_squared_mlp_plain)
-    assert prepare.select_loss(torch.device("cpu")) == ("plain", prepare.softcap_cross_entropy_plain)
-
-
-def test_hub_lookup_fails_fast_offline(monkeypatch):
-    import socket
-    import time
-
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there now: the connection is refused
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    t0 = time.time()
-    assert prepare._hub_reachable() is False
-    # a name lookup that hangs is cut off at the timeout too
-    def hang(*args, **kwargs):
-        time.sleep(5)
-        raise OSError("name lookup timed out")
-
-    monkeypatch.setattr(socket, "create_connection", hang)
-    assert prepare._hub_reachable(timeout=0.5) is False
-    assert time.time() - t0 < 3
 
 
 # ---------------------------------------------------------------------------
