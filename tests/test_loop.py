@@ -180,6 +180,21 @@ def test_program_md_commands():
     assert "AUTORESEARCH_CACHE" not in program["env_check"] and "~/.cache/autoresearch" in text
 
 
+@pytest.mark.parametrize("repeat, noise", [("0.995200", None), ("0.997000", 0.002), ("0.993000", 0.002)])
+def test_best_and_noise_command_follows_its_definition(tmp_path, repeat, noise):
+    """program.md's awk command against its own prose, on a file with an earlier night in it: BEST is
+    the lowest val_bpb of tonight's keep rows, NOISE the baseline gap with the stated floor, the
+    same whichever baseline run came out lower."""
+    rows = [("a000001", "1.000000", "keep", "baseline"), ("a000001", "1.000100", "discard", "baseline repeat (noise)"),
+            ("a000002", "0.990000", "keep", "an earlier night's best"),
+            ("b000001", "0.995000", "keep", "baseline"), ("b000001", repeat, "discard", "baseline repeat (noise)"),
+            ("b000002", "0.994000", "keep", "a gain"), ("b000003", "0.980000", "discard", "lower, but not kept"),
+            ("b000004", "0.000000", "crash", "a crash"), ("b000005", "0.994500", "keep", "a tie that made train.py shorter")]
+    (tmp_path / "results.tsv").write_text(table(rows))
+    agent = Agent(tmp_path, dict(os.environ), read_program())
+    assert agent.best_noise() == (0.994, noise if noise is not None else noise_floor())
+
+
 # ---------------------------------------------------------------------------
 # The agent
 
@@ -363,7 +378,7 @@ class Night:
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory, tiny_cache, pytestconfig):
-    """Runs train.py six times (the slip fails at once): ~40 s on 2 cores, paid by the first test
+    """Runs train.py six times (the slip fails at once): 40-50 s on 2 cores, paid by the first test
     that uses it; one night in one fixture keeps each later test cheap."""
     SCENARIOS.add("night")
     agent = make_repo(tmp_path_factory.mktemp("night"), tiny_cache, pytestconfig)
@@ -432,6 +447,11 @@ def night(tmp_path_factory, tiny_cache, pytestconfig):
 
 def rows_of(repo):
     return (repo / "results.tsv").read_text().splitlines()
+
+
+def table(rows):
+    """results.tsv with these (commit, val_bpb, status, description) rows; memory 44.0 throughout."""
+    return "".join(f"{line}\n" for line in [HEADER] + ["\t".join((c, v, "44.0", s, d)) for c, v, s, d in rows])
 
 
 def test_branch_holds_only_setup_and_kept_commits(night):
@@ -517,7 +537,7 @@ def test_next_night_remembers_this_one(night):
 
 
 def test_one_agent_per_gpu(tmp_path_factory, tiny_cache, pytestconfig):
-    """Two agents set up their worktrees and run their baselines at the same time (~17 s on 2
+    """Two agents set up their worktrees and run their baselines at the same time (17-25 s on 2
     cores); then a later night's branch goes into a kept worktree."""
     SCENARIOS.add("per-gpu")
     main = make_repo(tmp_path_factory.mktemp("per-gpu"), tiny_cache, pytestconfig)
@@ -554,8 +574,9 @@ def test_one_agent_per_gpu(tmp_path_factory, tiny_cache, pytestconfig):
 
 
 def test_one_agent_runs_waves(tmp_path_factory, tiny_cache, pytestconfig):
-    """A baseline wave and a wave of two candidates, each two runs side by side (~20 s on 2 cores);
-    only the winner is kept, and only if it beats BEST by more than NOISE."""
+    """A baseline wave and a wave of two candidates, each two runs side by side: 20-35 s on 2 cores,
+    the least that shows a wave's whole cycle. Only the winner is kept, and only if it beats BEST
+    by more than NOISE."""
     SCENARIOS.add("waves")
     agent = make_repo(tmp_path_factory.mktemp("waves"), tiny_cache, pytestconfig)
     setup_commit = agent.head()
