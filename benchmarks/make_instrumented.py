@@ -1,5 +1,5 @@
 """Writes train_instrumented.py next to train.py: the same run, plus prints of where the time
-and memory go. Used for the breakdowns in the README's performance section.
+and memory go. Used for the breakdowns in benchmarks/README.md.
 
     python3 benchmarks/make_instrumented.py && python3 train_instrumented.py
     python3 benchmarks/make_instrumented.py variant.py variant_instrumented.py  # another copy

@@ -3,6 +3,7 @@ the meta-device count of what the compiled training step keeps for its backward.
 
 import builtins
 import os
+import re
 import subprocess
 import symtable
 import sys
@@ -112,3 +113,13 @@ def test_norm_that_keeps_its_output_saves_three_activations_per_layer(tmp_path):
         saved, _ = saved_activations.saved_activations(config, batch=4, train_path=path)
         counts.append(sum(nbytes == 4 * 256 * 128 * 2 for _, _, _, nbytes in saved))  # bf16, tokens x width
     assert counts[0] <= counts[1] - 3 * config.n_layer, counts
+
+
+def test_every_result_file_is_cited_and_every_citation_exists():
+    """benchmarks/results/ holds the evidence behind benchmarks/README.md and LOG.md: no orphan
+    file, no figure citing a file that is gone."""
+    folder = os.path.join(ROOT, "benchmarks")
+    text = open(os.path.join(folder, "README.md")).read() + open(os.path.join(folder, "LOG.md")).read()
+    files = set(os.listdir(os.path.join(folder, "results")))
+    cited = set(re.findall(r"\d{4}-\d{2}-\d{2}-[\w.-]+\.(?:log|txt)", text))
+    assert sorted(files - cited) == [] and sorted(cited - files) == []
