@@ -783,8 +783,13 @@ def ops_called(fn):
             return func(*args, **(kwargs or {}))
 
     names = set()
-    with Recorder():
-        fn()
+    try:
+        with Recorder():
+            fn()
+        return names
+    except Exception:
+        pass
+    fn()  # it failed: the same error again, outside the recorder, with a traceback that ends in the caller's code
     return names
 
 

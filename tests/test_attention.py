@@ -117,3 +117,16 @@ def test_ops_called_names_what_ran():
     x = torch.randn(3, 4)
     names = prepare.ops_called(lambda: torch.relu(x @ x.T).sum())
     assert {"aten::mm", "aten::relu", "aten::sum"} <= names and not any(re.match("aten::(tanh|exp)", n) for n in names)
+
+
+def test_ops_called_lets_an_error_surface_from_the_callers_code():
+    """A model that fails in the probe (an agent's shape slip) shows one plain traceback ending in
+    its own code, not a chain through the recorder."""
+
+    def broken():
+        return torch.ones(2, 3) @ torch.ones(2, 3)
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+        prepare.ops_called(broken)
+    assert info.value.__context__ is None
+    assert [entry.name for entry in info.traceback][-2:] == ["ops_called", "broken"]
