@@ -704,9 +704,11 @@ model.init_weights()
 if device.type == "cuda":  # embedding tables in bf16, like the activations that read them
     model.transformer.wte.to(torch.bfloat16)
     model.value_embeds.to(torch.bfloat16)
-probe = torch.zeros((3, 100), dtype=torch.long, device=device)  # the check's token count: its kernels are compiled already
-with torch.no_grad(), prepare.autocast(device):  # which fused kernels the model really calls, for the header
-    ran = prepare.ops_called(lambda: model(probe, probe))
+ran = set()  # the fused kernels the model really calls, for the header: one short forward shows them
+if config.fused_mlp or config.fused_loss:
+    probe = torch.zeros((3, 100), dtype=torch.long, device=device)  # the check's token count: its kernels are compiled already
+    with torch.no_grad(), prepare.autocast(device):
+        ran = prepare.ops_called(lambda: model(probe, probe))
 num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.num_flops_per_token()
 use_compile = device.type == "cuda"
