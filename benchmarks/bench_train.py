@@ -26,10 +26,10 @@ parser.add_argument("--logs", default=".", help="folder for each run's log")
 args = parser.parse_args()
 
 rows = []
-for script in map(os.path.abspath, args.scripts):
+for i, script in enumerate(map(os.path.abspath, args.scripts)):
     env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.budget), PYTHONUNBUFFERED="1")
-    name = os.path.basename(script)
-    log_path = os.path.join(args.logs, f"bench-{name}.log")
+    name = os.path.join(os.path.basename(os.path.dirname(script)), os.path.basename(script))  # folder/train.py
+    log_path = os.path.join(args.logs, f"bench-{i}-{name.replace(os.sep, '-')}.log")
     with open(log_path, "w") as log:
         rc = subprocess.run([sys.executable, script], cwd=os.path.dirname(script), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     text = open(log_path).read().replace("\r", "\n")
@@ -45,6 +45,6 @@ for script in map(os.path.abspath, args.scripts):
     overhead = float(summary["total_seconds"]) - float(summary["training_seconds"])
     rows.append((name, f"{tokens / step_ms * 1e3 / 1e6:>8.3f}M {summary['mfu_percent']:>7} {step_ms:>8.1f} {float(summary['peak_vram_mb']) / 1024:>8.1f} {overhead:>9.1f} {summary['val_bpb']:>10} {summary['num_steps']:>6}"))
 
-print(f"\n{'variant':<24}{'tokens/s':>9} {'MFU %':>7} {'step ms':>8} {'peak GB':>8} {'outside s':>9} {'val_bpb':>10} {'steps':>6}")
+print(f"\n{'variant':<28}{'tokens/s':>9} {'MFU %':>7} {'step ms':>8} {'peak GB':>8} {'outside s':>9} {'val_bpb':>10} {'steps':>6}")
 for name, row in rows:
-    print(f"{name:<24}{row}")
+    print(f"{name:<28}{row}")
