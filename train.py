@@ -345,6 +345,7 @@ FINAL_LR_FRAC = 0.0
 # Setup: from here on the script runs (the tests import only the definitions above this line)
 
 t_start = time.time()
+prepare.parse_command_line(__doc__)  # --help, unknown arguments, AUTORESEARCH_* values, Ctrl-C: before anything runs
 device = prepare.get_device()
 SEQ_LEN, TIME_BUDGET, notes = prepare.run_settings(device)
 if device.type != "cuda":  # small-machine settings: the GPU ones would take hours per step here
@@ -353,6 +354,7 @@ if device.type != "cuda":  # small-machine settings: the GPU ones would take hou
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
+prepare.check_ready(tokenizer, DEVICE_BATCH_SIZE, device)  # what evaluation needs, checked now: a problem costs seconds, not a run
 attention_name, attention = prepare.select_attention(device, SEQ_LEN, HEAD_DIM)
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM

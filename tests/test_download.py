@@ -218,7 +218,7 @@ def test_transient_errors_are_retried(mirror, shard_bytes, tmp_path, status):
 def test_retries_back_off_exponentially(mirror, shard_bytes, tmp_path, monkeypatch):
     mirror.fail_then_serve(1, shard_bytes[1], failures=3)
     waits = []
-    monkeypatch.setattr(prepare.time, "sleep", waits.append)
+    monkeypatch.setattr(prepare._STOP, "wait", waits.append)  # the back-off waits on Ctrl-C's event
     assert prepare.fetch_shard(1, str(tmp_path), backoff=0.5, log=lambda _: None) is None
     assert waits == [0.5, 1.0, 2.0]
 
@@ -268,12 +268,13 @@ def test_always_truncated_fails_after_five_attempts(mirror, shard_bytes, tmp_pat
 
 
 def test_complete_body_that_is_not_parquet_is_rejected(mirror, tmp_path):
-    """A 200 whose body is whole but no shard (a proxy's error page) never gets the final name."""
+    """A 200 whose body is whole but no shard (a proxy's error page) never gets the final name;
+    the whole body arrived, so asking again would bring the same."""
     page = b"<html><body>Service temporarily unavailable</body></html>"
     mirror.routes[prepare.shard_name(1)] = lambda h, n: h.send_body(page)
     reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
-    assert reason is not None and "not valid parquet" in reason
-    assert mirror.count(1) == 5
+    assert reason == "not valid parquet"
+    assert mirror.count(1) == 1
     assert os.listdir(tmp_path) == []
 
 
@@ -312,10 +313,10 @@ def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, 
         proc.wait()  # reaped, so the next run sees the pid as dead
         log.close()
     assert proc.returncode == -signal.SIGKILL
-    assert mirror.count(2) == 1 and mirror.count(prepare.VAL_SHARD) == 0
+    assert mirror.count(2) == 1 and mirror.count(prepare.VAL_SHARD) == 1  # the validation shard comes first
     assert not os.path.exists(shard_path(data, 2))
     assert_final_names_complete(data, shard_bytes)
-    assert {0, 1} <= {i for i in ALL if os.path.exists(shard_path(data, i))}
+    assert {0, 1, prepare.VAL_SHARD} <= {i for i in ALL if os.path.exists(shard_path(data, i))}
 
     mirror.serve(2, shard_bytes[2])
     mirror.reset_counts()
@@ -323,10 +324,10 @@ def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, 
     assert r.returncode == 0, r.stdout + r.stderr
     for i in ALL:
         assert_shard(data, i, shard_bytes)
-    assert (mirror.count(0), mirror.count(1)) == (0, 0)  # completed in the first run
-    assert (mirror.count(2), mirror.count(prepare.VAL_SHARD)) == (1, 1)
+    assert (mirror.count(0), mirror.count(1), mirror.count(prepare.VAL_SHARD)) == (0, 0, 0)  # completed in the first run
+    assert mirror.count(2) == 1
     assert not temp.exists() and temp_files(data) == []
-    assert "2/4 shards already" in r.stdout
+    assert "3/4 shards already" in r.stdout
 
 
 def test_damaged_shards_in_cache_are_fetched_again(mirror, shard_bytes, tmp_path):
@@ -387,32 +388,34 @@ def test_source_dir_names_missing_and_invalid_shards(mirror, shard_bytes, tmp_pa
     assert r.returncode != 0
     assert "2 shard(s) missing: shard_00001.parquet, shard_00002.parquet" in r.stderr
     assert f"not in {source}" in r.stdout and "not valid parquet" in r.stdout
+    assert "Run it again" not in r.stderr  # running again cannot help: the folder must change
     data = cache / "data"
     assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]
     assert_final_names_complete(data, shard_bytes)
     assert sum(mirror.requests.values()) == 0
 
 
-def test_ctrl_c_starts_no_queued_download(mirror, shard_bytes, tmp_path):
-    """SIGINT mid-download: the shard under way may finish (atomically), the queued ones never start."""
+def test_ctrl_c_stops_at_once_and_starts_no_queued_download(mirror, shard_bytes, tmp_path):
+    """SIGINT mid-download: one short line, exit 130, the shard under way stopped and its temporary
+    file removed, the queued ones never started."""
     data = tmp_path / "data"
-    for i in (0, 1, prepare.VAL_SHARD):
+    for i in (0, 2, prepare.VAL_SHARD):
         mirror.serve(i, shard_bytes[i])
-    started = mirror.slow(2, shard_bytes[2], chunk=16384, delay=0.1)
+    started = mirror.slow(1, shard_bytes[1], chunk=1024, delay=0.2)  # ~20 s if left to finish
     proc = subprocess.Popen(cli_args("--download-workers", "1"), env=cli_env(tmp_path, mirror.url),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert started.wait(30), "the run never asked for shard 2"
+        assert started.wait(30), "the run never asked for shard 1"
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        out, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode != 0
-    assert mirror.count(prepare.VAL_SHARD) == 0
-    assert not os.path.exists(shard_path(data, prepare.VAL_SHARD))
-    assert_final_names_complete(data, shard_bytes)
+    assert proc.returncode == 130
+    assert err.strip() == "prepare.py: interrupted" and "Traceback" not in out
+    assert mirror.count(2) == 0
+    assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]  # no temporary file
     assert not (tmp_path / "tokenizer").exists()
 
 
@@ -421,7 +424,7 @@ def test_source_copy_error_is_a_reason_not_a_crash(shard_bytes, tmp_path):
     (source / prepare.shard_name(1)).mkdir(parents=True)  # exists, but cannot be copied
     (source / prepare.shard_name(2)).write_bytes(shard_bytes[2])
     failed = prepare.fetch_shards([1, 2], str(data), workers=2, source_dir=str(source))
-    assert list(failed) == [1] and "cannot copy" in failed[1]
+    assert list(failed) == [1] and failed[1] == f"cannot copy {source / prepare.shard_name(1)}: Is a directory"
     assert sorted(os.listdir(data)) == [prepare.shard_name(2)]
     assert_shard(data, 2, shard_bytes)
 
