@@ -438,14 +438,18 @@ def read_tokenizer(tokenizer_dir=None):
     if not os.path.exists(os.path.join(tokenizer_dir, "ranks.tiktoken")):
         raise SystemExit(f"No tokenizer in {tokenizer_dir}: run `uv run prepare.py` first.")
     damaged = f"The tokenizer in {tokenizer_dir} is damaged ({{}}): run `uv run prepare.py` to train it again."
+    name = "ranks.tiktoken"  # the file being read, for the message
     try:
-        with open(os.path.join(tokenizer_dir, "ranks.tiktoken"), "rb") as f, open(os.path.join(tokenizer_dir, "meta.json"), "rb") as g:
-            raw, raw_meta = f.read(), g.read()
-        meta = json.loads(raw_meta)
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            raw = f.read()
         ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (line.split() for line in raw.splitlines())}
-        token_bytes = np.load(os.path.join(tokenizer_dir, "token_bytes.npy"), allow_pickle=False)
+        name = "meta.json"
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            raw_meta = f.read()
+        meta, name = json.loads(raw_meta), "token_bytes.npy"
+        token_bytes = np.load(os.path.join(tokenizer_dir, name), allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise SystemExit(damaged.format(_first_line(e))) from None
+        raise SystemExit(damaged.format(f"{name}: {_first_line(e)}")) from None
     n = VOCAB_SIZE - len(SPECIAL_TOKENS)
     if sorted(ranks.values()) != list(range(n)) or not all(bytes([b]) in ranks for b in range(256)):
         raise SystemExit(damaged.format(f"ranks.tiktoken does not hold ranks 0..{n - 1} once each, every single byte among them"))

@@ -8,6 +8,7 @@ import collections
 import http.server
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,6 +87,20 @@ class Mirror:
         self.routes[prepare.shard_name(index)] = answer
         return started
 
+    def redirect(self, index, location, headers=()):
+        """A 302 to `location` (a path here, or a whole URL), with extra headers, as Hugging Face
+        answers for a file in LFS storage (X-Linked-Etag, X-Linked-Size)."""
+
+        def answer(h, n):
+            h.send_response(302)
+            h.send_header("Location", location)
+            for key, value in headers:
+                h.send_header(key, value)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        self.routes[prepare.shard_name(index)] = answer
+
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -103,10 +118,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away (killed mid-download): nothing to answer
 
-    def send_body(self, data, limit=None, chunk=None, delay=0.0, started=None):
+    def send_body(self, data, limit=None, chunk=None, delay=0.0, started=None, headers=()):
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in headers:
+            self.send_header(key, value)
         self.end_headers()
         body = data if limit is None else data[:limit]
         step = chunk or len(body)
@@ -192,11 +209,12 @@ def cli_env(cache, url):
 
 
 def cli_args(*extra, num_shards=3):
-    return [sys.executable, os.path.join(ROOT, "prepare.py"), "--num-shards", str(num_shards), *extra]
+    shards = [] if num_shards is None else ["--num-shards", str(num_shards)]
+    return [sys.executable, os.path.join(ROOT, "prepare.py"), *shards, *extra]
 
 
-def run_cli(cache, url, *extra, timeout=60):
-    return subprocess.run(cli_args(*extra), env=cli_env(cache, url), cwd=ROOT, capture_output=True,
+def run_cli(cache, url, *extra, timeout=60, num_shards=3):
+    return subprocess.run(cli_args(*extra, num_shards=num_shards), env=cli_env(cache, url), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -429,8 +447,9 @@ def test_source_copy_error_is_a_reason_not_a_crash(shard_bytes, tmp_path):
     assert_shard(data, 2, shard_bytes)
 
 
-def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path):
-    """--num-shards -1 with a folder takes every training shard in it, by exact name only."""
+@pytest.mark.parametrize("num_shards", [None, -1], ids=["by default", "--num-shards -1"])
+def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path, num_shards):
+    """A folder gives every training shard in it, by exact name only, unless --num-shards says otherwise."""
     source = tmp_path / "source"
     source.mkdir()
     for i in ALL:
@@ -438,10 +457,96 @@ def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path
     (source / "shard_notes.parquet").write_bytes(b"notes")
     (source / "shard_00001 (copy).parquet").write_bytes(shard_bytes[1])
     cache = tmp_path / "cache"
-    r = subprocess.run(cli_args("--source-dir", str(source), num_shards=-1), env=cli_env(cache, mirror.url),
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run_cli(cache, mirror.url, "--source-dir", str(source), num_shards=num_shards)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 training shard(s) + validation" in r.stdout
     assert sorted(os.listdir(cache / "data")) == sorted(prepare.shard_name(i) for i in ALL)
     for i in ALL:
         assert_shard(cache / "data", i, shard_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Faults: poison shards, slow servers, foreign redirects, wrong checksums, no network
+
+
+def shard_of(docs, column_type=None):
+    """The bytes of a parquet file with these documents as its `text` column."""
+    import io
+
+    import pyarrow as pa
+
+    out = io.BytesIO()
+    pq.write_table(pa.table({"text": pa.array(docs, type=column_type)}), out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("docs, column_type, problem", [
+    (["fine", None, "fine"], None, "row 1 has no text"),
+    ([1, 2, 3], None, "its `text` column holds int64, not strings"),
+    (["fine", "also fine", " " * 1_000_000], None, "row 2 cannot be tokenized"),  # the tokenizer's regex gives up
+], ids=["null row", "not strings", "a million spaces"])
+def test_a_shard_that_cannot_be_tokenized_is_never_kept(mirror, shard_bytes, tmp_path, docs, column_type, problem):
+    """Poison that used to stick: the shard reads, but train.py could not tokenize it. It is refused,
+    not retried (the whole file came), named with its row, and taken once the source is fixed."""
+    mirror.serve(1, shard_of(docs, column_type))
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert reason is not None and reason.startswith(problem), reason
+    assert mirror.count(1) == 1 and os.listdir(tmp_path) == []
+    mirror.serve(1, shard_bytes[1])  # the source is fixed
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_a_trickling_server_is_given_up_at_the_deadline(mirror, shard_bytes, tmp_path, monkeypatch):
+    """Each read gets a few bytes in time, so only an overall deadline can end it."""
+    monkeypatch.setattr(prepare, "DOWNLOAD_SECONDS", 1)
+    mirror.slow(1, shard_bytes[1], chunk=64, delay=0.1)  # would take ~2 minutes
+    t0 = time.time()
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert time.time() - t0 < 10
+    assert reason.startswith("not complete after 1s") and "HF_ENDPOINT" in reason
+    assert mirror.count(1) == 1 and os.listdir(tmp_path) == []  # not retried: it would trickle again
+
+
+def test_redirects_stay_on_the_configured_host(mirror, shard_bytes, tmp_path):
+    port = mirror.url.rsplit(":", 1)[1]
+    mirror.redirect(1, f"http://localhost:{port}/elsewhere/{prepare.shard_name(1)}")  # another host name
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert reason == "redirected to localhost, not a host of 127.0.0.1: refused"
+    assert mirror.requests[f"/elsewhere/{prepare.shard_name(1)}"] == 0 and os.listdir(tmp_path) == []
+    mirror.routes["/blobs/1"] = lambda h, n: h.send_body(shard_bytes[1])
+    mirror.redirect(1, "/blobs/1")  # the same host: followed
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_the_published_sha256_and_size_are_checked(mirror, shard_bytes, tmp_path):
+    """As on Hugging Face: the resolve answer is a redirect that carries the file's sha256 and size."""
+    import hashlib
+
+    mirror.routes["/blobs/1"] = lambda h, n: h.send_body(shard_bytes[1])
+    right = hashlib.sha256(shard_bytes[1]).hexdigest()
+    for headers, problem in [([("X-Linked-Etag", f'"{"0" * 64}"')], "sha256 "), ([("X-Linked-Size", "123")], "truncated")]:
+        mirror.redirect(1, "/blobs/1", headers)
+        reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+        assert reason.startswith(problem) and reason.endswith("(after 5 attempts)"), reason
+        assert os.listdir(tmp_path) == []
+    mirror.redirect(1, "/blobs/1", [("X-Linked-Etag", f'"{right}"'), ("X-Linked-Size", str(len(shard_bytes[1])))])
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_unreachable_source_fails_fast_with_one_helpful_message(tmp_path):
+    """No retries for a host that refuses connections: one message naming it and the ways out."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    t0 = time.time()
+    r = run_cli(tmp_path, f"http://127.0.0.1:{port}", num_shards=None)
+    assert time.time() - t0 < 15
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
+    assert r.stderr.startswith("prepare: cannot reach 127.0.0.1 ([Errno 111] Connection refused)")
+    assert all(way in r.stderr for way in ("--source-dir", "HF_ENDPOINT", "AUTORESEARCH_CACHE"))
+    assert "again" not in r.stdout + r.stderr and len(r.stdout.splitlines()) == 2  # the cache, the data line
