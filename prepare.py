@@ -33,7 +33,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 # ---------------------------------------------------------------------------
@@ -56,9 +55,8 @@ TOKENIZER_DOC_CAP = 10_000  # each document is cut to its first 10,000 character
 DOCS_PER_READ = 128  # a row group is read in batches of this many documents
 DEFAULT_SHARDS = 10  # training shards prepare.py fetches unless told otherwise
 PRETOKENIZE_SHARDS = 16  # prepare tokenizes this many training shards ahead (more than a run eats)
-# the split regex gives up (a tiktoken panic) only on runs of about a million characters, such as
-# spaces: documents this long are tried before a shard is kept; far shorter ones are never at risk
-SPLIT_CHECK_CHARS = 100_000
+# tiktoken's split regex gives up (a panic) only on runs of ~1M characters, such as spaces:
+SPLIT_CHECK_CHARS = 100_000  # documents this long are tried before a shard is kept, shorter ones are safe
 DOWNLOAD_SECONDS = 900  # per shard, overall: a server that trickles bytes is given up on, not waited for
 
 # Without CUDA the figures above would make one experiment take hours: shorter sequences and a
@@ -66,8 +64,7 @@ DOWNLOAD_SECONDS = 900  # per shard, overall: a server that trickles bytes is gi
 SMALL_SEQ_LEN = 512
 SMALL_EVAL_TOKENS = 2**16
 
-# What prepare.py and train.py read from the environment (--help lists it); any other
-# AUTORESEARCH_* name is refused, so that a misspelt or retired one is not silently ignored.
+# What prepare.py and train.py read from the environment; any other AUTORESEARCH_* name is refused
 ENVIRONMENT = {
     "AUTORESEARCH_CACHE": "the cache folder (default ~/.cache/autoresearch)",
     "AUTORESEARCH_TIME_BUDGET": "seconds of timed training, for tests (the result is not comparable)",
@@ -191,20 +188,15 @@ def _splitter():  # the split pattern with byte tokens and no merges: the part o
 
 
 def check_shard(path):
-    """None when train.py can use the shard whole: parquet, a `text` column of strings, none missing,
-    each of which the tokenizer can take (a million spaces break its regex). Else what is wrong."""
+    """None when train.py can use the shard whole: every document a string the tokenizer can take.
+    Else what is wrong, naming the row."""
+    if not shard_is_valid(path):
+        return "not valid parquet with a text column"
     try:
-        pf = pq.ParquetFile(path)
-    except Exception:
-        return "not valid parquet"
-    if "text" not in pf.schema_arrow.names or pf.metadata.num_rows == 0:
-        return "no `text` column, or no rows"
-    if pf.schema_arrow.field("text").type not in (pa.string(), pa.large_string()):
-        return f"its `text` column holds {pf.schema_arrow.field('text').type}, not strings"
-    try:
-        for row, text in enumerate(t for b in pf.iter_batches(columns=["text"]) for t in b.column("text").to_pylist()):
-            if text is None:
-                return f"row {row} has no text"
+        batches = pq.ParquetFile(path).iter_batches(columns=["text"])
+        for row, text in enumerate(t for batch in batches for t in batch.column("text").to_pylist()):
+            if not isinstance(text, str):
+                return f"row {row} holds {text!r}, not text"
             try:
                 if len(text) >= SPLIT_CHECK_CHARS:
                     _splitter().encode_ordinary(text)
@@ -252,10 +244,8 @@ def _download(url, tmp):
             size = int(size or r.headers.get("Content-Length") or -1)
             with _create(tmp) as f:
                 while chunk := r.raw.read1(1 << 20):  # what has arrived: the deadline holds however slowly bytes trickle
-                    if _STOP.is_set():
-                        raise FetchError("interrupted")
-                    if time.time() > deadline:
-                        raise FetchError(f"not complete after {DOWNLOAD_SECONDS}s ({got:,} bytes): too slow; a mirror (HF_ENDPOINT) or --source-dir may do better")
+                    if _STOP.is_set() or time.time() > deadline:
+                        raise FetchError("interrupted" if _STOP.is_set() else f"not complete after {DOWNLOAD_SECONDS}s ({got:,} bytes): too slow; a mirror (HF_ENDPOINT) or --source-dir may do better")
                     f.write(chunk)
                     digest.update(chunk)
                     got += len(chunk)
@@ -273,9 +263,8 @@ def _download(url, tmp):
 
 
 def fetch_shard(index, data_dir, source_dir=None, attempts=5, backoff=2.0, log=print):
-    """Put shard `index` into data_dir, copied from source_dir or downloaded (again after a back-off
-    that doubles, where another attempt can help); renamed into place only once whole and checked.
-    Returns None, or why it could not be had."""
+    """Put shard `index` into data_dir, copied or downloaded (again, after a doubling back-off, where
+    that can help), renamed into place once whole and checked. Returns None, or why it could not."""
     name = shard_name(index)
     path, src = os.path.join(data_dir, name), os.path.join(source_dir or "", name)
     tmp = _temp_path(path)
@@ -587,10 +576,9 @@ def document_batches(tokenizer, paths):
 
 def pack_rows(tokenizer, T, split, buffer_size=1000, data_dir=None):
     """Forever: (row of T+1 tokens as int32 numpy, epoch). Before every placement the buffer is
-    refilled to buffer_size documents. With r tokens of room: place the longest document that
-    fits whole (earliest among equals); if none fits, the first r tokens of the shortest (earliest
-    among equals), dropping its rest. Documents are kept in per-length queues (arrival order) and
-    the distinct lengths in a sorted list, so each placement is a bisect instead of a scan."""
+    refilled to buffer_size documents. With r tokens of room: place the longest document that fits
+    whole, else the first r tokens of the shortest (earliest among equals either way). Per-length
+    queues (arrival order) and a sorted list of lengths make each placement a bisect, not a scan."""
     source = document_batches(tokenizer, list_shards(split, data_dir))
     queues, lengths, count, epoch = {}, [], 0, 1
     row_len = T + 1
@@ -636,11 +624,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, data_dir=None):
         for b in range(B):
             batch[b], epoch = next(rows)
         t = torch.from_numpy(batch)
-        if device.type == "cuda":  # pinned, so the copy overlaps the GPU's work
-            t = t.pin_memory().to(device, non_blocking=True)
-        else:
-            t = t.to(device)
-        t = t.long()
+        t = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)).long()  # pinned: the copy overlaps the GPU's work
         yield t[:, :-1], t[:, 1:], epoch
 
 
@@ -682,12 +666,18 @@ def check_ready(tokenizer, batch_size, device):
     if eval_tokens < batch_size * seq_len:
         raise SystemExit(f"EVAL_TOKENS={eval_tokens:,} is less than one evaluation batch of {batch_size} x {seq_len} tokens: "
                          "raise AUTORESEARCH_EVAL_TOKENS or lower DEVICE_BATCH_SIZE")
-    damaged = [os.path.basename(p) for p in list_shards("train") if not shard_is_valid(p)]
+    val = check_data()[-1]
+    _remove_stale_temps(os.path.join(TOKENS_DIR, tokenizer.fingerprint))
+    load_tokenized(val, tokenizer) or tokenize_shard(val, tokenizer)
+
+
+def check_data():
+    """The shards train.py will read (the training ones, then the validation one), footers whole."""
+    paths = list_shards("train") + list_shards("val")
+    damaged = [os.path.basename(p) for p in paths if not shard_is_valid(p)]
     if damaged:
         raise SystemExit(f"Damaged shard(s) in {DATA_DIR}: {', '.join(damaged)}: run `uv run prepare.py` to fetch them again.")
-    _remove_stale_temps(os.path.join(TOKENS_DIR, tokenizer.fingerprint))
-    for path in list_shards("val"):
-        load_tokenized(path, tokenizer) or tokenize_shard(path, tokenizer)
+    return paths
 
 
 # ---------------------------------------------------------------------------
@@ -709,9 +699,7 @@ def autocast(device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow, MPS support varies)."""
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def synchronize(device):
@@ -759,9 +747,8 @@ def eval_settings(device):
 
 
 def run_settings(device):
-    """(seq_len, time_budget, notes): what train.py must use here, and a line for each way in
-    which this run differs from the reference setup, for its header. Budgets can be shrunk only
-    through AUTORESEARCH_* variables (tests), and a run that does so says it loudly."""
+    """(seq_len, time_budget, notes): what train.py must use here, and a header line for each way in
+    which the result is not comparable (the AUTORESEARCH_* budgets of tests say so loudly)."""
     seq_len, eval_tokens = eval_settings(device)
     time_budget = _env_int("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET)
     notes = []
@@ -1414,11 +1401,8 @@ def main():
 def check_cache():
     """prepare.py --check: can train.py run on this cache? Downloads and writes nothing; returns the exit status."""
     try:
-        paths = list_shards("train") + list_shards("val")
-        damaged = [os.path.basename(p) for p in paths if not shard_is_valid(p)]
-        if damaged:
-            raise SystemExit(f"damaged shard(s) in {DATA_DIR}: {', '.join(damaged)}: run `uv run prepare.py` to fetch them again.")
-        problem = check_shard(paths[-1])
+        paths = check_data()
+        problem = check_shard(paths[-1])  # the validation shard, read whole
         if problem:
             raise SystemExit(f"{paths[-1]}: {problem}: delete it and run `uv run prepare.py` to fetch it again.")
         print(f"data: {len(paths) - 1} training shard(s) + validation in {DATA_DIR}")

@@ -291,7 +291,7 @@ def test_complete_body_that_is_not_parquet_is_rejected(mirror, tmp_path):
     page = b"<html><body>Service temporarily unavailable</body></html>"
     mirror.routes[prepare.shard_name(1)] = lambda h, n: h.send_body(page)
     reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
-    assert reason == "not valid parquet"
+    assert reason == "not valid parquet with a text column"
     assert mirror.count(1) == 1
     assert os.listdir(tmp_path) == []
 
@@ -481,8 +481,8 @@ def shard_of(docs, column_type=None):
 
 
 @pytest.mark.parametrize("docs, column_type, problem", [
-    (["fine", None, "fine"], None, "row 1 has no text"),
-    ([1, 2, 3], None, "its `text` column holds int64, not strings"),
+    (["fine", None, "fine"], None, "row 1 holds None, not text"),
+    ([1, 2, 3], None, "row 0 holds 1, not text"),
     (["fine", "also fine", " " * 1_000_000], None, "row 2 cannot be tokenized"),  # the tokenizer's regex gives up
 ], ids=["null row", "not strings", "a million spaces"])
 def test_a_shard_that_cannot_be_tokenized_is_never_kept(mirror, shard_bytes, tmp_path, docs, column_type, problem):

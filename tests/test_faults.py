@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT, make_shards, sample_data_dir
+from conftest import ROOT, make_shards, sample_data_dir, write_shard
 
 PROJECT_FILES = ["prepare.py", "train.py", "program.md", ".gitignore", "pyproject.toml", "uv.lock", "README.md", "analysis.ipynb"]
 SMALL = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"
@@ -142,6 +142,16 @@ def test_a_damaged_token_cache_file_is_made_again(use_cache, capsys, spoil):
     assert all(np.array_equal(a, b) for a, b in zip(prepare.load_tokenized(val, tok), expected))  # made again, whole
 
 
+def test_a_shard_an_older_version_kept_unchecked_is_named_with_its_row(use_cache, tmp_path):
+    """Caches written before shards were checked row by row may hold one that cannot be tokenized."""
+    path = str(tmp_path / "shard_00000.parquet")
+    write_shard(path, ["fine", "fine too", None, "fine"], row_group_size=2)
+    with pytest.raises(SystemExit) as e:
+        prepare.tokenize_shard(path, prepare.Tokenizer.from_directory())
+    assert str(e.value) == f"{path} cannot be tokenized (row 2 holds None, not text): delete it and run `uv run prepare.py` to fetch it again."
+    assert not os.path.exists(prepare._tokens_path(path, prepare.Tokenizer.from_directory()))
+
+
 def test_train_checks_what_evaluation_needs_before_training(tiny_cache, tmp_path):
     """With a 300 s budget, each problem stops train.py within seconds, in one line naming the
     repair, instead of after the whole budget."""
@@ -155,7 +165,7 @@ def test_train_checks_what_evaluation_needs_before_training(tiny_cache, tmp_path
     val.write_bytes(val.read_bytes()[:-100])  # truncated: its footer is gone
     r = run(train, cache, AUTORESEARCH_TIME_BUDGET="300")
     assert r.returncode == 1 and "step 0" not in r.stdout
-    assert one_line(r.stderr).startswith(f"{val} cannot be tokenized (not valid parquet): delete it and run `uv run prepare.py`")
+    assert one_line(r.stderr) == f"Damaged shard(s) in {cache / 'data'}: {val.name}: run `uv run prepare.py` to fetch them again."
     assert time.time() - t0 < 100  # two start-ups, no training
 
 
