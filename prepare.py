@@ -546,8 +546,9 @@ def tokenize_shard(path, tokenizer, num_threads=None):
             np.savez(f, tokens=tokens, offsets=offsets, rg_docs=rg_docs, stamp=np.array([st.st_size, st.st_mtime_ns], np.int64))
         os.replace(_temp_path(cache), cache)
     except OSError as e:
-        _remove(_temp_path(cache))
         raise SystemExit(f"Cannot write the token cache ({e}): free some space (or delete {TOKENS_DIR}) and run again.")
+    finally:
+        _remove(_temp_path(cache))
     return tokens, offsets, rg_docs
 
 
@@ -1343,9 +1344,9 @@ def select_loss(device, width=512, vocab_size=VOCAB_SIZE):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--num-shards", type=int, help=f"training shards 0..N-1 to fetch (default {DEFAULT_SHARDS}, or every one in --source-dir; -1 = all)")
-    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
-    parser.add_argument("--source-dir", help="copy shards from this local folder instead of downloading")
+    parser.add_argument("--num-shards", type=int, metavar="N", help=f"training shards 0..N-1 to fetch (default {DEFAULT_SHARDS}, or every one in --source-dir; -1 = all)")
+    parser.add_argument("--download-workers", type=int, default=8, metavar="W", help="parallel downloads (default 8)")
+    parser.add_argument("--source-dir", metavar="DIR", help="copy shards from this local folder instead of downloading")
     parser.add_argument("--check", action="store_true", help="only say whether train.py can run (downloads and writes nothing)")
     args = parse_command_line(__doc__, parser)
     if args.num_shards is not None and (args.num_shards == 0 or args.num_shards < -1) or args.download_workers < 1:
