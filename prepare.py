@@ -667,14 +667,14 @@ def check_ready(tokenizer, batch_size, device):
     if eval_tokens < batch_size * seq_len:
         raise SystemExit(f"EVAL_TOKENS={eval_tokens:,} is less than one evaluation batch of {batch_size} x {seq_len} tokens: "
                          "raise AUTORESEARCH_EVAL_TOKENS or lower DEVICE_BATCH_SIZE")
-    val = check_data()[-1]
+    val = check_data(PRETOKENIZE_SHARDS)[-1]  # the training shards a run reaches; the validation shard
     _remove_stale_temps(os.path.join(TOKENS_DIR, tokenizer.fingerprint))
     load_tokenized(val, tokenizer) or tokenize_shard(val, tokenizer)
 
 
-def check_data():
-    """The shards train.py will read (the training ones, then the validation one), footers whole."""
-    paths = list_shards("train") + list_shards("val")
+def check_data(train_shards=None):
+    """The shards train.py will read (the first train_shards training ones, then the validation one), footers whole."""
+    paths = list_shards("train")[:train_shards] + list_shards("val")
     damaged = [os.path.basename(p) for p in paths if not shard_is_valid(p)]
     if damaged:
         raise SystemExit(f"Damaged shard(s) in {DATA_DIR}: {', '.join(damaged)}: run `uv run prepare.py` to fetch them again.")
