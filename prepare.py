@@ -3,7 +3,8 @@ autoresearch, the fixed half: data, tokenizer, dataloader, metric and platform p
 
     uv run prepare.py                      # 10 training shards + the validation shard, tokenizer
     uv run prepare.py --num-shards 100     # more data (-1 = all 6542 training shards)
-    uv run prepare.py --source-dir /data   # copy shards from a local folder instead of downloading
+    uv run prepare.py --source-dir DIR     # every shard in a local folder instead of downloading
+    uv run prepare.py --check              # can train.py run? (downloads and writes nothing)
 
 Everyone's val_bpb is comparable only because everyone downloads the same shards, trains the same
 tokenizer, packs the same batches and computes the metric the same way. The agent never edits
@@ -13,13 +14,20 @@ this file; train.py imports the runtime utilities at the bottom.
 import argparse
 import base64
 import bisect
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
+import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,14 +52,28 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text the tokenizer sees
 TOKENIZER_DOC_CAP = 10_000  # each document is cut to its first 10,000 characters
 DOCS_PER_READ = 128  # a row group is read in batches of this many documents
+DEFAULT_SHARDS = 10  # training shards prepare.py fetches unless told otherwise
 PRETOKENIZE_SHARDS = 16  # prepare tokenizes this many training shards ahead (more than a run eats)
+# tiktoken's split regex gives up (a panic) only on runs of ~1M characters, such as spaces:
+SPLIT_CHECK_CHARS = 100_000  # documents this long are tried before a shard is kept, shorter ones are safe
+DOWNLOAD_SECONDS = 900  # per shard, overall: a server that trickles bytes is given up on, not waited for
 
 # Without CUDA the figures above would make one experiment take hours: shorter sequences and a
 # smaller evaluation. Such a val_bpb is NOT comparable with a GPU's.
 SMALL_SEQ_LEN = 512
 SMALL_EVAL_TOKENS = 2**16
 
-CACHE_DIR = os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE", "~/.cache/autoresearch"))
+# What prepare.py and train.py read from the environment; any other AUTORESEARCH_* name is refused
+ENVIRONMENT = {
+    "AUTORESEARCH_CACHE": "the cache folder (default ~/.cache/autoresearch)",
+    "AUTORESEARCH_TIME_BUDGET": "seconds of timed training, for tests (the result is not comparable)",
+    "AUTORESEARCH_EVAL_TOKENS": "validation tokens, for tests (the result is not comparable)",
+    "AUTORESEARCH_ATTENTION": "fa4, flex or sdpa: force one attention backend (train.py)",
+    "AUTORESEARCH_SAMPLE_DATA": "the real-text sample shards (the test suite)",
+    "HF_ENDPOINT": "a Hugging Face mirror to download from (prepare.py)",
+}
+# a relative AUTORESEARCH_CACHE is taken from the current folder; an empty one is refused at start
+CACHE_DIR = os.path.abspath(os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch"))
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so later passes skip BPE
@@ -67,13 +89,92 @@ def base_url():
     return f"{endpoint}/datasets/{DATASET}/resolve/main"
 
 
+def one_line(e):
+    """An exception as one line, for messages."""
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
 # ---------------------------------------------------------------------------
-# Shards: download or copy, atomically, and check them
+# Start of prepare.py and train.py: command line, environment, Ctrl-C
+
+_STOP = threading.Event()  # set by Ctrl-C: downloads under way stop and remove their temporary files
+
+
+def _env_int(name, default):
+    value = os.environ.get(name, str(default))
+    if not value.isdecimal() or int(value) == 0:
+        raise SystemExit(f"{name}={value!r} must be a positive whole number")
+    return int(value)
+
+
+def _interrupted(signum, frame):
+    if _STOP.is_set():  # a second Ctrl-C: at once
+        os._exit(130)
+    _STOP.set()
+    os.write(2, f"\n{os.path.basename(sys.argv[0])}: interrupted\n".encode())
+    raise SystemExit(130)  # unwinds, so that temporary files are removed on the way out
+
+
+def parse_command_line(doc, parser=None):
+    """--help (doc, then the environment variables); unknown arguments refused (exit 2); every
+    AUTORESEARCH_* variable checked (one line, exit 1); Ctrl-C made one line and exit 130."""
+    parser = parser or argparse.ArgumentParser()
+    parser.description, parser.formatter_class = doc.strip(), argparse.RawDescriptionHelpFormatter
+    parser.epilog = "environment:\n" + "\n".join(f"  {name:<26}{what}" for name, what in ENVIRONMENT.items())
+    args = parser.parse_args()
+    unknown = sorted(n for n in os.environ if n.startswith("AUTORESEARCH_") and n not in ENVIRONMENT)
+    if unknown:
+        raise SystemExit(f"{unknown[0]} is not a setting of autoresearch (--help lists them): unset it")
+    _env_int("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET)
+    _env_int("AUTORESEARCH_EVAL_TOKENS", EVAL_TOKENS)
+    if os.environ.get("AUTORESEARCH_CACHE") == "":
+        raise SystemExit("AUTORESEARCH_CACHE is empty: unset it (the cache is then ~/.cache/autoresearch) or name a folder")
+    if os.environ.get("AUTORESEARCH_ATTENTION", "sdpa") not in ("fa4", "flex", "sdpa"):
+        raise SystemExit(f"AUTORESEARCH_ATTENTION={os.environ['AUTORESEARCH_ATTENTION']!r} must be fa4, flex or sdpa")
+    signal.signal(signal.SIGINT, _interrupted)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Files: each is written under a temporary name, created exclusively (never through a link planted
+# there), checked, then renamed into place. Temporary names of runs that died are removed.
+
+
+def _temp_path(path):
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+def _remove(path):  # a file, a link (never what it points to) or a folder; absent is fine
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _create(path):  # O_EXCL | O_NOFOLLOW refuse whatever is put there after _remove, links included
+    _remove(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
+
+
+def _remove_stale_temps(folder):
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = name.rsplit(".", 2)[-2] if name.startswith(".") and name.endswith(".tmp") else ""
+        try:
+            if pid.isdecimal():
+                os.kill(int(pid), 0)  # raises when no process has that pid
+        except ProcessLookupError:
+            _remove(os.path.join(folder, name))
+        except PermissionError:  # another user's run, alive
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Shards: download or copy, check every row, then put in place
 
 
 def shard_is_valid(path):
-    """A shard is usable when its parquet footer reads and it has a text column with rows.
-    A truncated file (crash mid-copy, full disk) fails here because the footer is at the end."""
+    """The quick look at a shard in place: its footer (at the end: a truncated file fails) reads."""
     try:
         meta = pq.ParquetFile(path).metadata
         return meta.num_rows > 0 and "text" in meta.schema.names
@@ -81,114 +182,143 @@ def shard_is_valid(path):
         return False
 
 
-def _temp_path(path):
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+@functools.cache
+def _splitter():  # the split pattern with byte tokens and no merges: the part of tokenizing that can fail
+    return build_encoding({bytes([i]): i for i in range(256)})
 
 
-def _remove_stale_temps(folder):
-    """Temporary files of earlier runs that died (their process is gone) are deleted."""
-    for name in os.listdir(folder):
-        if not (name.startswith(".") and name.endswith(".tmp")):
-            continue
-        try:
-            pid = int(name.rsplit(".", 2)[1])
-            os.kill(pid, 0)
-            continue  # that run is still going
-        except (ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue
-        try:
-            os.remove(os.path.join(folder, name))
-        except OSError:
-            pass
+def check_shard(path):
+    """None when train.py can use the shard whole: every document a string the tokenizer can take.
+    Else what is wrong, naming the row."""
+    if not shard_is_valid(path):
+        return "not valid parquet with a text column"
+    try:
+        batches = pq.ParquetFile(path).iter_batches(columns=["text"])
+        for row, text in enumerate(t for batch in batches for t in batch.column("text").to_pylist()):
+            if not isinstance(text, str):
+                return f"row {row} holds {text!r}, not text"
+            try:
+                if len(text) >= SPLIT_CHECK_CHARS:
+                    _splitter().encode_ordinary(text)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # tiktoken's panics are BaseExceptions
+                return f"row {row} cannot be tokenized ({one_line(e)})"
+    except Exception as e:
+        return one_line(e)
+
+
+class FetchError(Exception):
+    """Why a shard could not be had."""
+
+
+class Retry(FetchError):
+    """... where another attempt can help."""
+
+
+def _download(url, tmp):
+    """GET url into tmp within DOWNLOAD_SECONDS. Redirects stay on the host or its subdomains (from
+    huggingface.co also its file hosts under hf.co: LFS and Xet storage), never https to http. The
+    file must match the sha256 the source publishes (Hugging Face: X-Linked-Etag), else its size."""
+    import requests
+    import urllib3
+
+    deadline, target, sha, size, got, digest = time.time() + DOWNLOAD_SECONDS, url, None, None, 0, hashlib.sha256()
+    home = urllib.parse.urlparse(url)
+    hosts = [home.hostname] + (["hf.co"] if home.hostname == "huggingface.co" else [])
+    try:
+        for _ in range(6):  # at most five redirects
+            r = requests.get(target, stream=True, allow_redirects=False, timeout=(10, 30), headers={"Accept-Encoding": "identity"})
+            etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").removeprefix("W/").strip('"')
+            sha, size = sha or (etag if re.fullmatch("[0-9a-f]{64}", etag) else None), size or r.headers.get("X-Linked-Size")
+            if not r.is_redirect:
+                break
+            r.close()
+            target = urllib.parse.urljoin(target, r.headers["Location"])
+            to = urllib.parse.urlparse(target)
+            if to.scheme not in ("https", home.scheme) or not any(to.hostname == h or (to.hostname or "").endswith("." + h) for h in hosts):
+                raise FetchError(f"redirected to {to.hostname}, not a host of {home.hostname}: refused")
+        with r:
+            if r.status_code != 200:
+                raise (Retry if r.status_code >= 500 or r.status_code in (408, 429) else FetchError)(f"HTTP {r.status_code} from {target}")
+            size = int(size or r.headers.get("Content-Length") or -1)
+            with _create(tmp) as f:
+                while chunk := r.raw.read1(1 << 20):  # what has arrived: the deadline holds however slowly bytes trickle
+                    if _STOP.is_set() or time.time() > deadline:
+                        raise FetchError("interrupted" if _STOP.is_set() else f"not complete after {DOWNLOAD_SECONDS}s ({got:,} bytes): too slow; a mirror (HF_ENDPOINT) or --source-dir may do better")
+                    f.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+        cause = getattr(e.args[0], "reason", None) if e.args else None  # requests wraps urllib3's error
+        if isinstance(e, requests.ConnectTimeout) or isinstance(cause, urllib3.exceptions.NewConnectionError):
+            why = "no answer in 10 s" if isinstance(e, requests.ConnectTimeout) else one_line(cause.__cause__ or cause)
+            raise SystemExit(f"prepare: cannot reach {urllib.parse.urlparse(target).hostname} ({why}). Ways out: copy shards from a local folder "
+                             "(--source-dir DIR), download from a mirror (HF_ENDPOINT=URL), or use a cache prepared elsewhere (AUTORESEARCH_CACHE=DIR).")
+        raise Retry(one_line(e))
+    if size >= 0 and got != size:
+        raise Retry(f"truncated: {got:,} of {size:,} bytes")
+    if sha and digest.hexdigest() != sha:
+        raise Retry(f"sha256 {digest.hexdigest()[:12]}... is not the {sha[:12]}... that the source publishes")
 
 
 def fetch_shard(index, data_dir, source_dir=None, attempts=5, backoff=2.0, log=print):
-    """Put shard `index` into data_dir. Returns None on success, else a one-line reason.
-    The file is written under a temporary name and renamed only once complete and valid."""
-    import requests
-
+    """Put shard `index` into data_dir, copied or downloaded (again, after a doubling back-off, where
+    that can help), renamed into place once whole and checked. Returns None, or why it could not."""
     name = shard_name(index)
-    path = os.path.join(data_dir, name)
-    if os.path.exists(path):
-        if shard_is_valid(path):
-            return None
-        log(f"{name}: present but truncated or not valid parquet, fetching it again")
-        os.remove(path)
+    path, src = os.path.join(data_dir, name), os.path.join(source_dir or "", name)
     tmp = _temp_path(path)
-    if source_dir is not None:
-        src = os.path.join(source_dir, name)
-        if not os.path.exists(src):
-            return f"not in {source_dir}"
-        try:
-            shutil.copyfile(src, tmp)
-        except OSError as e:  # unreadable source, full disk: reported like a failed download
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            return f"cannot copy {src}: {str(e).splitlines()[0][:200]}"
-        if not shard_is_valid(tmp):
-            os.remove(tmp)
-            return f"{src} is not valid parquet"
-        os.replace(tmp, path)
+    if shard_is_valid(path):
         return None
-    url = f"{base_url()}/{name}"
-    reason = "no attempt made"
-    for attempt in range(1, attempts + 1):
-        try:
-            with requests.get(url, stream=True, timeout=(10, 60)) as r:
-                if r.status_code != 200:
-                    reason = f"HTTP {r.status_code} from {url}"
-                    # a 4xx other than timeouts / rate limits will not change on retry
-                    if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                        return reason
-                    raise OSError(reason)
-                with open(tmp, "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-            if not shard_is_valid(tmp):
-                raise OSError("download is truncated or not valid parquet")
-            os.replace(tmp, path)
-            return None
-        except Exception as e:  # network errors, truncated bodies, 5xx
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if attempt < attempts:
+    _remove(path)  # a damaged one (a truncated copy) goes first
+    if source_dir and not os.path.exists(src):
+        return f"not in {source_dir}"
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                if source_dir is None:
+                    _download(f"{base_url()}/{name}", tmp)
+                else:
+                    with open(src, "rb") as s, _create(tmp) as f:
+                        shutil.copyfileobj(s, f, 1 << 20)
+                problem = check_shard(tmp)
+                if problem:
+                    raise FetchError(problem)  # the whole file arrived: another try brings the same
+                os.replace(tmp, path)
+                return None
+            except OSError as e:  # an unreadable source, a full disk, a read-only cache
+                return f"cannot {'copy ' + src if source_dir else 'write ' + path}: {e.strerror or e}"
+            except FetchError as e:
+                _remove(tmp)
+                if not isinstance(e, Retry) or attempt == attempts:
+                    return f"{e} (after {attempts} attempts)" if isinstance(e, Retry) else str(e)
                 wait = backoff * 2 ** (attempt - 1)
-                log(f"{name}: attempt {attempt}/{attempts} failed ({reason}); retrying in {wait:g}s")
-                time.sleep(wait)
-    return f"{reason} (after {attempts} attempts)"
+                log(f"{name}: attempt {attempt}/{attempts} failed ({e}); retrying in {wait:g}s")
+                if _STOP.wait(wait):
+                    return "interrupted"
+    finally:
+        _remove(tmp)
 
 
 def fetch_shards(indices, data_dir, workers=8, source_dir=None, backoff=2.0):
     """Fetch shards in parallel. Returns {index: reason} for the ones that could not be had."""
     os.makedirs(data_dir, exist_ok=True)
     _remove_stale_temps(data_dir)
+    _STOP.clear()
     todo = [i for i in indices if not shard_is_valid(os.path.join(data_dir, shard_name(i)))]
-    have = len(indices) - len(todo)
-    src = f"from {source_dir}" if source_dir else f"from {base_url()}"
-    print(f"data: {have}/{len(indices)} shards already in {data_dir}; fetching {len(todo)} {src}")
-    failed, done, t0 = {}, 0, time.time()
-    if not todo:
-        return failed
+    print(f"data: {len(indices) - len(todo)}/{len(indices)} shards already in {data_dir}; fetching {len(todo)} from {source_dir or base_url()}")
+    failed, t0 = {}, time.time()
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
         futures = {i: pool.submit(fetch_shard, i, data_dir, source_dir, 5, backoff) for i in todo}
         try:
-            for i, fut in futures.items():
-                reason = fut.result()
-                done += 1
-                if reason:
-                    failed[i] = reason
-                    print(f"  {shard_name(i)}: FAILED: {reason}")
-                else:
-                    print(f"  {shard_name(i)}: ok ({done}/{len(todo)}, {time.time() - t0:.0f}s)")
-        except BaseException:
-            # Ctrl-C: leaving the block would otherwise wait for every queued download; only
-            # those under way are finished (they land atomically), the rest are dropped
+            for done, (i, future) in enumerate(futures.items(), 1):
+                reason = failed[i] = future.result()
+                print(f"  {shard_name(i)}: " + (f"FAILED: {reason}" if reason else f"ok ({done}/{len(todo)}, {time.time() - t0:.0f}s)"), flush=True)
+        except BaseException:  # Ctrl-C, an unreachable host: downloads under way stop, queued ones never start
+            _STOP.set()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return failed
+    return {i: reason for i, reason in failed.items() if reason}
 
 
 def list_shards(split, data_dir=None):
@@ -225,19 +355,15 @@ def tokenizer_training_text(paths, max_chars=TOKENIZER_MAX_CHARS, doc_cap=TOKENI
 def build_encoding(mergeable_ranks, pattern=SPLIT_PATTERN):
     import tiktoken
 
-    n = len(mergeable_ranks)
-    specials = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    specials = {tok: len(mergeable_ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name="autoresearch", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=specials)
 
 
 def token_byte_lengths(encoding):
     """UTF-8 length of each token's raw bytes; 0 for special tokens. (Decoding a token to str and
     re-encoding over-counts tokens that hold part of a multi-byte character.)"""
-    special_ids = set(encoding._special_tokens.values())
-    return np.array(
-        [0 if i in special_ids else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)],
-        dtype=np.int32,
-    )
+    special = set(encoding._special_tokens.values())
+    return np.array([0 if i in special else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)], dtype=np.int32)
 
 
 def train_tokenizer(data_dir=None, tokenizer_dir=None):
@@ -249,8 +375,18 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     train_paths = list_shards("train", data_dir)
     t0 = time.time()
     print(f"tokenizer: training on {len(train_paths)} shard(s), up to {TOKENIZER_MAX_CHARS:,} characters")
+
+    def text():  # with progress: reading is most of the time
+        chars = 0
+        for doc in tokenizer_training_text(train_paths):
+            yield doc
+            chars += len(doc)
+            if chars // 10**8 > (chars - len(doc)) // 10**8:
+                print(f"tokenizer: {chars:,} characters read ({time.time() - t0:.0f}s)", flush=True)
+        print(f"tokenizer: {chars:,} characters read ({time.time() - t0:.0f}s); computing the merges", flush=True)
+
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(tokenizer_training_text(train_paths), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    trainer.train_from_iterator(text(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
     encoding = build_encoding(ranks, trainer.get_pattern())
     if encoding.n_vocab != VOCAB_SIZE:
@@ -263,22 +399,55 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
 
 
 def save_tokenizer(ranks, pattern, tokenizer_dir):
-    """Write ranks (tiktoken's base64 text format), meta.json and token_bytes.npy into a temporary
-    folder, then rename it into place: a tokenizer folder is either complete or absent."""
-    encoding = build_encoding(ranks, pattern)
-    parent = os.path.dirname(os.path.abspath(tokenizer_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = _temp_path(tokenizer_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
+    """ranks.tiktoken (tiktoken's base64 text format), meta.json and token_bytes.npy, written into a
+    temporary folder, checked as train.py will read them, then renamed into place."""
+    tmp = _temp_path(os.path.abspath(tokenizer_dir))
+    _remove(tmp)
     os.makedirs(tmp)
-    with open(os.path.join(tmp, "ranks.tiktoken"), "w") as f:
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"pattern": pattern, "special_tokens": SPECIAL_TOKENS, "vocab_size": encoding.n_vocab}, f, indent=1)
-    np.save(os.path.join(tmp, "token_bytes.npy"), token_byte_lengths(encoding))
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    os.replace(tmp, tokenizer_dir)
+    try:
+        lines = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+        meta = {"pattern": pattern, "special_tokens": SPECIAL_TOKENS, "vocab_size": len(ranks) + len(SPECIAL_TOKENS)}
+        for name, data in [("ranks.tiktoken", lines.encode()), ("meta.json", json.dumps(meta, indent=1).encode())]:
+            with _create(os.path.join(tmp, name)) as f:
+                f.write(data)
+        with _create(os.path.join(tmp, "token_bytes.npy")) as f:
+            np.save(f, token_byte_lengths(build_encoding(ranks, pattern)))
+        read_tokenizer(tmp)
+        _remove(tokenizer_dir)
+        os.replace(tmp, tokenizer_dir)
+    finally:
+        _remove(tmp)
+
+
+def read_tokenizer(tokenizer_dir=None):
+    """(encoding, token_bytes, fingerprint) of the saved tokenizer, its files checked against each
+    other and the constants above; else one line naming the file and the repair. The fingerprint
+    names its token cache and covers all that decides token ids: ranks, pattern, special tokens."""
+    tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
+    if not os.path.exists(os.path.join(tokenizer_dir, "ranks.tiktoken")):
+        raise SystemExit(f"No tokenizer in {tokenizer_dir}: run `uv run prepare.py` first.")
+    damaged = f"The tokenizer in {tokenizer_dir} is damaged ({{}}): run `uv run prepare.py` to train it again."
+    name = "ranks.tiktoken"  # the file being read, for the message
+    try:
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            raw = f.read()
+        ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (line.split() for line in raw.splitlines())}
+        name = "meta.json"
+        with open(os.path.join(tokenizer_dir, name), "rb") as f:
+            raw_meta = f.read()
+        meta, name = json.loads(raw_meta), "token_bytes.npy"
+        token_bytes = np.load(os.path.join(tokenizer_dir, name), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(damaged.format(f"{name}: {one_line(e)}")) from None
+    n = VOCAB_SIZE - len(SPECIAL_TOKENS)
+    if sorted(ranks.values()) != list(range(n)) or not all(bytes([b]) in ranks for b in range(256)):
+        raise SystemExit(damaged.format(f"ranks.tiktoken does not hold ranks 0..{n - 1} once each, every single byte among them"))
+    if meta != {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE}:
+        raise SystemExit(damaged.format("meta.json's pattern, special tokens or vocabulary size are not prepare.py's"))
+    encoding = build_encoding(ranks, meta["pattern"])
+    if token_bytes.dtype != np.int32 or not np.array_equal(token_bytes, token_byte_lengths(encoding)):
+        raise SystemExit(damaged.format("token_bytes.npy does not match ranks.tiktoken"))
+    return encoding, token_bytes, hashlib.sha256(raw + raw_meta).hexdigest()[:16]
 
 
 class Tokenizer:
@@ -291,16 +460,9 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
-        tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
-        ranks_path = os.path.join(tokenizer_dir, "ranks.tiktoken")
-        if not os.path.exists(ranks_path):
-            raise SystemExit(f"No tokenizer in {tokenizer_dir}: run `uv run prepare.py` first.")
-        with open(ranks_path, "rb") as f:
-            raw = f.read()
-        with open(os.path.join(tokenizer_dir, "meta.json")) as f:
-            meta = json.load(f)
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
-        return cls(build_encoding(ranks, meta["pattern"]), hashlib.sha256(raw).hexdigest()[:16])
+        """The saved tokenizer, its files checked: missing or damaged is one line naming the repair."""
+        encoding, _, fingerprint = read_tokenizer(tokenizer_dir)
+        return cls(encoding, fingerprint)
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -326,10 +488,7 @@ class Tokenizer:
 def get_token_bytes(device="cpu", tokenizer_dir=None):
     import torch
 
-    path = os.path.join(tokenizer_dir or TOKENIZER_DIR, "token_bytes.npy")
-    if not os.path.exists(path):
-        raise SystemExit(f"No tokenizer in {os.path.dirname(path)}: run `uv run prepare.py` first.")
-    return torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
+    return torch.from_numpy(read_tokenizer(tokenizer_dir)[1]).to(device)
 
 
 # ---------------------------------------------------------------------------
@@ -338,54 +497,59 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
 # after the first, and evaluations, skip BPE entirely. Same tokens either way.
 
 
-def _cache_path(path, tokenizer):
-    folder = os.path.join(TOKENS_DIR, tokenizer.fingerprint)
-    return os.path.join(folder, os.path.basename(path).replace(".parquet", ".npz"))
-
-
-def _source_stamp(path):
-    st = os.stat(path)
-    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+def _tokens_path(path, tokenizer):
+    return os.path.join(TOKENS_DIR, tokenizer.fingerprint, os.path.basename(path).replace(".parquet", ".npz"))
 
 
 def load_tokenized(path, tokenizer):
-    """Cached (tokens, offsets, rg_docs) of a shard, or None when absent or stale."""
-    cache = _cache_path(path, tokenizer)
+    """A shard's cached (tokens, offsets, rg_docs); None when absent, stale (the shard changed) or
+    not consistent with itself and the vocabulary (it is then made again)."""
+    cache = _tokens_path(path, tokenizer)
     try:
         with np.load(cache, allow_pickle=False) as z:
-            if not np.array_equal(z["stamp"], _source_stamp(path)):
-                return None
-            return z["tokens"], z["offsets"], z["rg_docs"]
-    except (OSError, KeyError, ValueError):
+            tokens, offsets, rg_docs, stamp = (z[k] for k in ("tokens", "offsets", "rg_docs", "stamp"))
+        st = os.stat(path)
+        if (stamp.tolist() == [st.st_size, st.st_mtime_ns] and tokens.dtype == np.uint16 and offsets.dtype == rg_docs.dtype == np.int64
+                and tokens.ndim == offsets.ndim == rg_docs.ndim == 1 and len(offsets) == rg_docs.sum() + 1 and rg_docs.min(initial=0) >= 0
+                and offsets[0] == 0 and offsets[-1] == len(tokens) and (np.diff(offsets) > 0).all()
+                and tokens.max(initial=0) < tokenizer.get_vocab_size() and (tokens[offsets[:-1]] == tokenizer.bos_token_id).all()):
+            return tokens, offsets, rg_docs
+    except FileNotFoundError:
         return None
+    except Exception:
+        pass
+    print(f"tokens: {cache} is stale or damaged: tokenizing {os.path.basename(path)} again", flush=True)
+    return None
 
 
-def save_tokenized(path, tokenizer, docs, rg_docs):
-    """Store a shard's tokenized documents atomically; best effort (a read-only cache is fine)."""
-    cache = _cache_path(path, tokenizer)
+def tokenize_shard(path, tokenizer, num_threads=None):
+    """Tokenize a shard whole and store it in the token cache, written whole and then renamed;
+    returns (tokens, offsets, rg_docs). A failed write (a full disk) is an error, not a slow path."""
+    docs, rg_docs = [], []
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            docs += (np.array(d, dtype=np.uint16) for d in tokenizer.encode(texts, tokenizer.bos_token_id, num_threads or os.cpu_count() or 1))
+            rg_docs.append(len(texts))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a shard cached before every row was checked (tiktoken's panics are BaseExceptions)
+        raise SystemExit(f"{path} cannot be tokenized ({check_shard(path) or one_line(e)}): delete it and run `uv run prepare.py` to fetch it again.")
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs)), out=offsets[1:])
+    tokens, rg_docs = np.concatenate([np.zeros(0, np.uint16), *docs]), np.array(rg_docs, np.int64)
+    cache, st = _tokens_path(path, tokenizer), os.stat(path)
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        tokens = np.concatenate(docs).astype(np.uint16) if docs else np.zeros(0, np.uint16)
-        tmp = _temp_path(cache)
-        with open(tmp, "wb") as f:
-            np.savez(f, tokens=tokens, offsets=offsets, rg_docs=np.array(rg_docs, np.int64), stamp=_source_stamp(path))
-        os.replace(tmp, cache)
-    except OSError:
-        pass
-
-
-def tokenize_shard(path, tokenizer, num_threads=8):
-    docs, rg_docs = [], []
-    pf = pq.ParquetFile(path)
-    for rg in range(pf.num_row_groups):
-        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-        ids = tokenizer.encode(texts, prepend=tokenizer.bos_token_id, num_threads=num_threads)
-        docs.extend(np.array(d, dtype=np.uint16) for d in ids)
-        rg_docs.append(len(texts))
-    save_tokenized(path, tokenizer, docs, rg_docs)
+        with _create(_temp_path(cache)) as f:
+            np.savez(f, tokens=tokens, offsets=offsets, rg_docs=rg_docs, stamp=np.array([st.st_size, st.st_mtime_ns], np.int64))
+        os.replace(_temp_path(cache), cache)
+    except OSError as e:
+        raise SystemExit(f"Cannot write the token cache ({e}): free some space (or delete {TOKENS_DIR}) and run again.")
+    finally:
+        _remove(_temp_path(cache))
+    return tokens, offsets, rg_docs
 
 
 def document_batches(tokenizer, paths):
@@ -393,31 +557,17 @@ def document_batches(tokenizer, paths):
     file, row group by row group; a batch never spans two row groups. epoch counts passes from 1."""
     epoch = 1
     while True:
-        if epoch == 2 and not any(pq.ParquetFile(p).metadata.num_rows for p in paths):
-            raise SystemExit(f"No documents in {', '.join(paths)}: run `uv run prepare.py` again.")
+        documents = 0
         for path in paths:
-            cached = load_tokenized(path, tokenizer)
-            if cached is not None:
-                tokens, offsets, rg_docs = cached
-                start = 0
-                for n in rg_docs:
-                    for lo in range(start, start + n, DOCS_PER_READ):
-                        hi = min(lo + DOCS_PER_READ, start + n)
-                        yield [tokens[offsets[j] : offsets[j + 1]] for j in range(lo, hi)], epoch
-                    start += n
-                continue
-            # not cached yet: tokenize as we go, and store the shard once it has been read whole
-            docs, rg_docs = [], []
-            pf = pq.ParquetFile(path)
-            for rg in range(pf.num_row_groups):
-                texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-                rg_docs.append(len(texts))
-                for lo in range(0, len(texts), DOCS_PER_READ):
-                    ids = tokenizer.encode(texts[lo : lo + DOCS_PER_READ], prepend=tokenizer.bos_token_id)
-                    batch = [np.array(d, dtype=np.uint16) for d in ids]
-                    docs.extend(batch)
-                    yield batch, epoch
-            save_tokenized(path, tokenizer, docs, rg_docs)
+            tokens, offsets, rg_docs = load_tokenized(path, tokenizer) or tokenize_shard(path, tokenizer)
+            start = 0
+            for n in rg_docs.tolist():
+                for lo in range(start, start + n, DOCS_PER_READ):
+                    yield [tokens[offsets[j] : offsets[j + 1]] for j in range(lo, min(lo + DOCS_PER_READ, start + n))], epoch
+                start += n
+            documents += start
+        if not documents:
+            raise SystemExit(f"No documents in {', '.join(paths)}: run `uv run prepare.py` again.")
         epoch += 1
 
 
@@ -427,10 +577,9 @@ def document_batches(tokenizer, paths):
 
 def pack_rows(tokenizer, T, split, buffer_size=1000, data_dir=None):
     """Forever: (row of T+1 tokens as int32 numpy, epoch). Before every placement the buffer is
-    refilled to buffer_size documents. With r tokens of room: place the longest document that
-    fits whole (earliest among equals); if none fits, the first r tokens of the shortest (earliest
-    among equals), dropping its rest. Documents are kept in per-length queues (arrival order) and
-    the distinct lengths in a sorted list, so each placement is a bisect instead of a scan."""
+    refilled to buffer_size documents. With r tokens of room: place the longest document that fits
+    whole, else the first r tokens of the shortest (earliest among equals either way). Per-length
+    queues (arrival order) and a sorted list of lengths make each placement a bisect, not a scan."""
     source = document_batches(tokenizer, list_shards(split, data_dir))
     queues, lengths, count, epoch = {}, [], 0, 1
     row_len = T + 1
@@ -476,11 +625,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, data_dir=None):
         for b in range(B):
             batch[b], epoch = next(rows)
         t = torch.from_numpy(batch)
-        if device.type == "cuda":  # pinned, so the copy overlaps the GPU's work
-            t = t.pin_memory().to(device, non_blocking=True)
-        else:
-            t = t.to(device)
-        t = t.long()
+        t = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)).long()  # pinned: the copy overlaps the GPU's work
         yield t[:, :-1], t[:, 1:], epoch
 
 
@@ -498,7 +643,6 @@ def evaluate_bpb(model, tokenizer, batch_size):
     token_bytes = get_token_bytes(device)
     loader = make_dataloader(tokenizer, batch_size, seq_len, "val")
     steps = eval_tokens // (batch_size * seq_len)
-    assert steps > 0, f"batch of {batch_size}x{seq_len} tokens is larger than EVAL_TOKENS={eval_tokens}"
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad(), autocast(device):
@@ -508,7 +652,33 @@ def evaluate_bpb(model, tokenizer, batch_size):
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    bpb = total_nats.item() / (math.log(2) * total_bytes.item())
+    if not math.isfinite(bpb):  # NaN or inf losses: the run has no result
+        print(f"FAIL: val_bpb is {bpb}", flush=True)
+        sys.exit(1)
+    return bpb
+
+
+def check_ready(tokenizer, batch_size, device):
+    """What evaluation will need, checked before training so that a problem costs seconds, not a
+    whole run: one evaluation batch within the evaluation tokens, the training shards' footers, and
+    the validation shard's tokens (made now when not cached). from_directory checked the tokenizer."""
+    seq_len, eval_tokens = eval_settings(device)
+    if eval_tokens < batch_size * seq_len:
+        raise SystemExit(f"EVAL_TOKENS={eval_tokens:,} is less than one evaluation batch of {batch_size} x {seq_len} tokens: "
+                         "raise AUTORESEARCH_EVAL_TOKENS or lower DEVICE_BATCH_SIZE")
+    val = check_data(PRETOKENIZE_SHARDS)[-1]  # the training shards a run reaches; the validation shard
+    _remove_stale_temps(os.path.join(TOKENS_DIR, tokenizer.fingerprint))
+    load_tokenized(val, tokenizer) or tokenize_shard(val, tokenizer)
+
+
+def check_data(train_shards=None):
+    """The shards train.py will read (the first train_shards training ones, then the validation one), footers whole."""
+    paths = list_shards("train")[:train_shards] + list_shards("val")
+    damaged = [os.path.basename(p) for p in paths if not shard_is_valid(p)]
+    if damaged:
+        raise SystemExit(f"Damaged shard(s) in {DATA_DIR}: {', '.join(damaged)}: run `uv run prepare.py` to fetch them again.")
+    return paths
 
 
 # ---------------------------------------------------------------------------
@@ -528,13 +698,9 @@ def get_device():
 
 def autocast(device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow, MPS support varies)."""
-    import contextlib
-
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def synchronize(device):
@@ -556,20 +722,10 @@ def peak_memory_mb(device):
     return 0.0
 
 
-# Dense bf16 tensor-core peak, FLOP/s, by a substring of the device name (first match wins).
+# Dense bf16 tensor-core peak, FLOP/s, by a substring of the device name (first match wins; plain H100 is the SXM).
 PEAK_BF16_FLOPS = [
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989.5e12),  # SXM
-    ("H200", 989.5e12),
-    ("GH200", 989.5e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 5090", 209.5e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 3090", 71e12),
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("GH200", 989.5e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 5090", 209.5e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
 ]
 
 
@@ -584,11 +740,6 @@ def peak_flops_of(name):
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def _env_int(name, default):
-    value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
-
-
 def eval_settings(device):
     """(sequence length, evaluation tokens) in force on this device."""
     small = device.type != "cuda"
@@ -597,9 +748,8 @@ def eval_settings(device):
 
 
 def run_settings(device):
-    """(seq_len, time_budget, notes): what train.py must use here, and a line for each way in
-    which this run differs from the reference setup, for its header. Budgets can be shrunk only
-    through AUTORESEARCH_* variables (tests), and a run that does so says it loudly."""
+    """(seq_len, time_budget, notes): what train.py must use here, and a header line for each way in
+    which the result is not comparable (the AUTORESEARCH_* budgets of tests say so loudly)."""
     seq_len, eval_tokens = eval_settings(device)
     time_budget = _env_int("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET)
     notes = []
@@ -609,8 +759,6 @@ def run_settings(device):
         notes.append(f"NON-DEFAULT TIME_BUDGET={time_budget}s (AUTORESEARCH_TIME_BUDGET)")
     if "AUTORESEARCH_EVAL_TOKENS" in os.environ:
         notes.append(f"NON-DEFAULT EVAL_TOKENS={eval_tokens:,} (AUTORESEARCH_EVAL_TOKENS)")
-    if "AUTORESEARCH_CACHE" in os.environ:
-        notes.append(f"cache at {CACHE_DIR} (AUTORESEARCH_CACHE)")
     return seq_len, time_budget, notes
 
 
@@ -768,11 +916,6 @@ def relative_error(got, expected):
     return float("nan") if any(math.isnan(e) for e in errors) else max(errors)
 
 
-def one_line(e):
-    """An exception as the one-line reason printed when a fast path is not taken."""
-    return str(e).splitlines()[0][:150] if str(e) else type(e).__name__
-
-
 def ops_called(fn):
     """The names of the operators (aten::..., custom ops) that fn() runs: what a model really calls.
     (The profiler records them without stepping into the dispatch, which FlexAttention's eager path
@@ -827,40 +970,77 @@ def select_attention(device, seq_len, head_dim=128, n_head=2, n_kv_head=2):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Download climbmix shards and train the tokenizer.")
-    parser.add_argument("--num-shards", type=int, default=10, help="training shards to fetch (-1 = all)")
-    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--source-dir", default=None, help="copy shards from this local folder instead of downloading")
-    args = parser.parse_args()
-    if args.num_shards == 0 or args.num_shards < -1 or args.download_workers < 1:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-shards", type=int, metavar="N", help=f"training shards 0..N-1 to fetch (default {DEFAULT_SHARDS}, or every one in --source-dir; -1 = all)")
+    parser.add_argument("--download-workers", type=int, default=8, metavar="W", help="parallel downloads (default 8)")
+    parser.add_argument("--source-dir", metavar="DIR", help="copy shards from this local folder instead of downloading")
+    parser.add_argument("--check", action="store_true", help="only say whether train.py can run (downloads and writes nothing)")
+    args = parse_command_line(__doc__, parser)
+    if args.num_shards is not None and (args.num_shards == 0 or args.num_shards < -1) or args.download_workers < 1:
         parser.error("--num-shards must be -1 or positive, --download-workers positive")
     if args.source_dir and not os.path.isdir(args.source_dir):
         parser.error(f"--source-dir {args.source_dir} is not a folder")
+    print(f"cache: {CACHE_DIR}")
+    if args.check:
+        sys.exit(check_cache())
     t0 = time.time()
-    n = MAX_SHARD if args.num_shards == -1 else min(args.num_shards, MAX_SHARD)
-    if args.num_shards == -1 and args.source_dir:  # a local folder: every training shard it holds
+    if args.source_dir and args.num_shards in (None, -1):  # every training shard the folder holds
         # exact names only: "shard_notes.parquet" would crash int(), "shard_00001 (copy).parquet" count twice
         held = [int(f[6:11]) for f in os.listdir(args.source_dir) if f[6:11].isdecimal() and f == shard_name(int(f[6:11]))]
         indices = sorted(i for i in held if i != VAL_SHARD)
+        if not indices:
+            parser.error(f"--source-dir {args.source_dir} holds no training shard ({shard_name(0)}, ...)")
     else:
-        indices = list(range(n))
-    print(f"cache: {CACHE_DIR}")
-    failed = fetch_shards(indices + [VAL_SHARD], DATA_DIR, args.download_workers, args.source_dir)
-    if failed:
-        names = ", ".join(shard_name(i) for i in sorted(failed))
-        print(f"prepare: FAILED: {len(failed)} shard(s) missing: {names}. Run it again to resume.", file=sys.stderr)
-        sys.exit(1)
-    if os.path.exists(os.path.join(TOKENIZER_DIR, "ranks.tiktoken")):
-        print(f"tokenizer: already in {TOKENIZER_DIR}")
-    else:
-        train_tokenizer()
-    tokenizer = Tokenizer.from_directory()
-    for path in list_shards("val") + list_shards("train")[:PRETOKENIZE_SHARDS]:
-        if load_tokenized(path, tokenizer) is None:
-            t1 = time.time()
-            tokenize_shard(path, tokenizer, num_threads=os.cpu_count() or 1)
-            print(f"tokens: {os.path.basename(path)} tokenized in {time.time() - t1:.1f}s")
+        n = args.num_shards or DEFAULT_SHARDS
+        indices = list(range(MAX_SHARD if n == -1 else min(n, MAX_SHARD)))
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        lock = os.open(os.path.join(CACHE_DIR, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:  # one prepare.py at a time on a cache (agents may share one): the next one waits, then finds the work done
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"prepare: another prepare.py is working on {CACHE_DIR}; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        tokens = [os.path.join(TOKENS_DIR, d) for d in os.listdir(TOKENS_DIR)] if os.path.isdir(TOKENS_DIR) else []
+        for folder in [CACHE_DIR, TOKENS_DIR, *tokens]:
+            _remove_stale_temps(folder)
+        failed = fetch_shards([VAL_SHARD] + indices, DATA_DIR, args.download_workers, args.source_dir)
+        if failed:
+            again = " Run it again to resume." if any(r.endswith(" attempts)") for r in failed.values()) else ""
+            sys.exit(f"prepare: FAILED: {len(failed)} shard(s) missing: {', '.join(shard_name(i) for i in sorted(failed))}.{again}")
+        try:
+            read_tokenizer()
+            print(f"tokenizer: already in {TOKENIZER_DIR}")
+        except SystemExit as e:  # absent, or damaged: trained (again)
+            if os.path.exists(TOKENIZER_DIR):
+                print(f"tokenizer: {e}")
+            train_tokenizer()
+        tokenizer = Tokenizer.from_directory()
+        for path in list_shards("val") + list_shards("train")[:PRETOKENIZE_SHARDS]:
+            if load_tokenized(path, tokenizer) is None:
+                t1 = time.time()
+                tokenize_shard(path, tokenizer)
+                print(f"tokens: {os.path.basename(path)} tokenized in {time.time() - t1:.1f}s")
+    except OSError as e:  # a full disk, a cache that cannot be written
+        sys.exit(f"prepare: FAILED: {e}")
     print(f"prepare: done in {time.time() - t0:.1f}s: {len(indices)} training shard(s) + validation in {DATA_DIR}, tokenizer in {TOKENIZER_DIR}")
+
+
+def check_cache():
+    """prepare.py --check: can train.py run on this cache? Downloads and writes nothing; returns the exit status."""
+    try:
+        paths = check_data()
+        problem = check_shard(paths[-1])  # the validation shard, read whole
+        if problem:
+            raise SystemExit(f"{paths[-1]}: {problem}: delete it and run `uv run prepare.py` to fetch it again.")
+        print(f"data: {len(paths) - 1} training shard(s) + validation in {DATA_DIR}")
+        read_tokenizer()
+        print(f"tokenizer: {TOKENIZER_DIR}")
+    except SystemExit as e:
+        print(f"NOT READY: {e}")
+        return 1
+    print("ready: `uv run train.py` can run")
+    return 0
 
 
 if __name__ == "__main__":

@@ -675,6 +675,7 @@ FINAL_LR_FRAC = 0.0
 # Setup: from here on the script runs (the tests import only the definitions above this line)
 
 t_start = time.time()
+prepare.parse_command_line(__doc__)  # --help, unknown arguments, AUTORESEARCH_* values, Ctrl-C: before anything runs
 device = prepare.get_device()
 SEQ_LEN, TIME_BUDGET, notes = prepare.run_settings(device)
 if device.type != "cuda":  # small-machine settings: the GPU ones would take hours per step here
@@ -686,6 +687,7 @@ grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
+prepare.check_ready(tokenizer, DEVICE_BATCH_SIZE, device)  # what evaluation needs, checked now: a problem costs seconds, not a run
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(
@@ -778,8 +780,9 @@ while True:
         model.zero_grad(set_to_none=True)
         x = y = None
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()  # peak_vram_mb should describe the run that happened
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # peak_vram_mb should describe the run that happened
         DEVICE_BATCH_SIZE //= 2
         grad_accum *= 2
         print(f"out of memory in the first step: retrying with DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} ({grad_accum} micro-steps)")

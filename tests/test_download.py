@@ -8,6 +8,7 @@ import collections
 import http.server
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,6 +87,20 @@ class Mirror:
         self.routes[prepare.shard_name(index)] = answer
         return started
 
+    def redirect(self, index, location, headers=()):
+        """A 302 to `location` (a path here, or a whole URL), with extra headers, as Hugging Face
+        answers for a file in LFS storage (X-Linked-Etag, X-Linked-Size)."""
+
+        def answer(h, n):
+            h.send_response(302)
+            h.send_header("Location", location)
+            for key, value in headers:
+                h.send_header(key, value)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        self.routes[prepare.shard_name(index)] = answer
+
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -103,10 +118,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away (killed mid-download): nothing to answer
 
-    def send_body(self, data, limit=None, chunk=None, delay=0.0, started=None):
+    def send_body(self, data, limit=None, chunk=None, delay=0.0, started=None, headers=()):
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in headers:
+            self.send_header(key, value)
         self.end_headers()
         body = data if limit is None else data[:limit]
         step = chunk or len(body)
@@ -192,11 +209,12 @@ def cli_env(cache, url):
 
 
 def cli_args(*extra, num_shards=3):
-    return [sys.executable, os.path.join(ROOT, "prepare.py"), "--num-shards", str(num_shards), *extra]
+    shards = [] if num_shards is None else ["--num-shards", str(num_shards)]
+    return [sys.executable, os.path.join(ROOT, "prepare.py"), *shards, *extra]
 
 
-def run_cli(cache, url, *extra, timeout=60):
-    return subprocess.run(cli_args(*extra), env=cli_env(cache, url), cwd=ROOT, capture_output=True,
+def run_cli(cache, url, *extra, timeout=60, num_shards=3):
+    return subprocess.run(cli_args(*extra, num_shards=num_shards), env=cli_env(cache, url), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -218,7 +236,7 @@ def test_transient_errors_are_retried(mirror, shard_bytes, tmp_path, status):
 def test_retries_back_off_exponentially(mirror, shard_bytes, tmp_path, monkeypatch):
     mirror.fail_then_serve(1, shard_bytes[1], failures=3)
     waits = []
-    monkeypatch.setattr(prepare.time, "sleep", waits.append)
+    monkeypatch.setattr(prepare._STOP, "wait", waits.append)  # the back-off waits on Ctrl-C's event
     assert prepare.fetch_shard(1, str(tmp_path), backoff=0.5, log=lambda _: None) is None
     assert waits == [0.5, 1.0, 2.0]
 
@@ -268,12 +286,13 @@ def test_always_truncated_fails_after_five_attempts(mirror, shard_bytes, tmp_pat
 
 
 def test_complete_body_that_is_not_parquet_is_rejected(mirror, tmp_path):
-    """A 200 whose body is whole but no shard (a proxy's error page) never gets the final name."""
+    """A 200 whose body is whole but no shard (a proxy's error page) never gets the final name;
+    the whole body arrived, so asking again would bring the same."""
     page = b"<html><body>Service temporarily unavailable</body></html>"
     mirror.routes[prepare.shard_name(1)] = lambda h, n: h.send_body(page)
     reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
-    assert reason is not None and "not valid parquet" in reason
-    assert mirror.count(1) == 5
+    assert reason == "not valid parquet with a text column"
+    assert mirror.count(1) == 1
     assert os.listdir(tmp_path) == []
 
 
@@ -312,10 +331,10 @@ def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, 
         proc.wait()  # reaped, so the next run sees the pid as dead
         log.close()
     assert proc.returncode == -signal.SIGKILL
-    assert mirror.count(2) == 1 and mirror.count(prepare.VAL_SHARD) == 0
+    assert mirror.count(2) == 1 and mirror.count(prepare.VAL_SHARD) == 1  # the validation shard comes first
     assert not os.path.exists(shard_path(data, 2))
     assert_final_names_complete(data, shard_bytes)
-    assert {0, 1} <= {i for i in ALL if os.path.exists(shard_path(data, i))}
+    assert {0, 1, prepare.VAL_SHARD} <= {i for i in ALL if os.path.exists(shard_path(data, i))}
 
     mirror.serve(2, shard_bytes[2])
     mirror.reset_counts()
@@ -323,10 +342,10 @@ def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, 
     assert r.returncode == 0, r.stdout + r.stderr
     for i in ALL:
         assert_shard(data, i, shard_bytes)
-    assert (mirror.count(0), mirror.count(1)) == (0, 0)  # completed in the first run
-    assert (mirror.count(2), mirror.count(prepare.VAL_SHARD)) == (1, 1)
+    assert (mirror.count(0), mirror.count(1), mirror.count(prepare.VAL_SHARD)) == (0, 0, 0)  # completed in the first run
+    assert mirror.count(2) == 1
     assert not temp.exists() and temp_files(data) == []
-    assert "2/4 shards already" in r.stdout
+    assert "3/4 shards already" in r.stdout
 
 
 def test_damaged_shards_in_cache_are_fetched_again(mirror, shard_bytes, tmp_path):
@@ -387,32 +406,34 @@ def test_source_dir_names_missing_and_invalid_shards(mirror, shard_bytes, tmp_pa
     assert r.returncode != 0
     assert "2 shard(s) missing: shard_00001.parquet, shard_00002.parquet" in r.stderr
     assert f"not in {source}" in r.stdout and "not valid parquet" in r.stdout
+    assert "Run it again" not in r.stderr  # running again cannot help: the folder must change
     data = cache / "data"
     assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]
     assert_final_names_complete(data, shard_bytes)
     assert sum(mirror.requests.values()) == 0
 
 
-def test_ctrl_c_starts_no_queued_download(mirror, shard_bytes, tmp_path):
-    """SIGINT mid-download: the shard under way may finish (atomically), the queued ones never start."""
+def test_ctrl_c_stops_at_once_and_starts_no_queued_download(mirror, shard_bytes, tmp_path):
+    """SIGINT mid-download: one short line, exit 130, the shard under way stopped and its temporary
+    file removed, the queued ones never started."""
     data = tmp_path / "data"
-    for i in (0, 1, prepare.VAL_SHARD):
+    for i in (0, 2, prepare.VAL_SHARD):
         mirror.serve(i, shard_bytes[i])
-    started = mirror.slow(2, shard_bytes[2], chunk=16384, delay=0.1)
+    started = mirror.slow(1, shard_bytes[1], chunk=1024, delay=0.2)  # ~20 s if left to finish
     proc = subprocess.Popen(cli_args("--download-workers", "1"), env=cli_env(tmp_path, mirror.url),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert started.wait(30), "the run never asked for shard 2"
+        assert started.wait(30), "the run never asked for shard 1"
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        out, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode != 0
-    assert mirror.count(prepare.VAL_SHARD) == 0
-    assert not os.path.exists(shard_path(data, prepare.VAL_SHARD))
-    assert_final_names_complete(data, shard_bytes)
+    assert proc.returncode == 130
+    assert err.strip() == "prepare.py: interrupted" and "Traceback" not in out
+    assert mirror.count(2) == 0
+    assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]  # no temporary file
     assert not (tmp_path / "tokenizer").exists()
 
 
@@ -421,13 +442,14 @@ def test_source_copy_error_is_a_reason_not_a_crash(shard_bytes, tmp_path):
     (source / prepare.shard_name(1)).mkdir(parents=True)  # exists, but cannot be copied
     (source / prepare.shard_name(2)).write_bytes(shard_bytes[2])
     failed = prepare.fetch_shards([1, 2], str(data), workers=2, source_dir=str(source))
-    assert list(failed) == [1] and "cannot copy" in failed[1]
+    assert list(failed) == [1] and failed[1] == f"cannot copy {source / prepare.shard_name(1)}: Is a directory"
     assert sorted(os.listdir(data)) == [prepare.shard_name(2)]
     assert_shard(data, 2, shard_bytes)
 
 
-def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path):
-    """--num-shards -1 with a folder takes every training shard in it, by exact name only."""
+@pytest.mark.parametrize("num_shards", [None, -1], ids=["by default", "--num-shards -1"])
+def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path, num_shards):
+    """A folder gives every training shard in it, by exact name only, unless --num-shards says otherwise."""
     source = tmp_path / "source"
     source.mkdir()
     for i in ALL:
@@ -435,10 +457,96 @@ def test_source_dir_all_shards_ignores_other_names(mirror, shard_bytes, tmp_path
     (source / "shard_notes.parquet").write_bytes(b"notes")
     (source / "shard_00001 (copy).parquet").write_bytes(shard_bytes[1])
     cache = tmp_path / "cache"
-    r = subprocess.run(cli_args("--source-dir", str(source), num_shards=-1), env=cli_env(cache, mirror.url),
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run_cli(cache, mirror.url, "--source-dir", str(source), num_shards=num_shards)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 training shard(s) + validation" in r.stdout
     assert sorted(os.listdir(cache / "data")) == sorted(prepare.shard_name(i) for i in ALL)
     for i in ALL:
         assert_shard(cache / "data", i, shard_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Faults: poison shards, slow servers, foreign redirects, wrong checksums, no network
+
+
+def shard_of(docs, column_type=None):
+    """The bytes of a parquet file with these documents as its `text` column."""
+    import io
+
+    import pyarrow as pa
+
+    out = io.BytesIO()
+    pq.write_table(pa.table({"text": pa.array(docs, type=column_type)}), out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("docs, column_type, problem", [
+    (["fine", None, "fine"], None, "row 1 holds None, not text"),
+    ([1, 2, 3], None, "row 0 holds 1, not text"),
+    (["fine", "also fine", " " * 1_000_000], None, "row 2 cannot be tokenized"),  # the tokenizer's regex gives up
+], ids=["null row", "not strings", "a million spaces"])
+def test_a_shard_that_cannot_be_tokenized_is_never_kept(mirror, shard_bytes, tmp_path, docs, column_type, problem):
+    """Poison that used to stick: the shard reads, but train.py could not tokenize it. It is refused,
+    not retried (the whole file came), named with its row, and taken once the source is fixed."""
+    mirror.serve(1, shard_of(docs, column_type))
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert reason is not None and reason.startswith(problem), reason
+    assert mirror.count(1) == 1 and os.listdir(tmp_path) == []
+    mirror.serve(1, shard_bytes[1])  # the source is fixed
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_a_trickling_server_is_given_up_at_the_deadline(mirror, shard_bytes, tmp_path, monkeypatch):
+    """Each read gets a few bytes in time, so only an overall deadline can end it."""
+    monkeypatch.setattr(prepare, "DOWNLOAD_SECONDS", 1)
+    mirror.slow(1, shard_bytes[1], chunk=64, delay=0.1)  # would take ~2 minutes
+    t0 = time.time()
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert time.time() - t0 < 10
+    assert reason.startswith("not complete after 1s") and "HF_ENDPOINT" in reason
+    assert mirror.count(1) == 1 and os.listdir(tmp_path) == []  # not retried: it would trickle again
+
+
+def test_redirects_stay_on_the_configured_host(mirror, shard_bytes, tmp_path):
+    port = mirror.url.rsplit(":", 1)[1]
+    mirror.redirect(1, f"http://localhost:{port}/elsewhere/{prepare.shard_name(1)}")  # another host name
+    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert reason == "redirected to localhost, not a host of 127.0.0.1: refused"
+    assert mirror.requests[f"/elsewhere/{prepare.shard_name(1)}"] == 0 and os.listdir(tmp_path) == []
+    mirror.routes["/blobs/1"] = lambda h, n: h.send_body(shard_bytes[1])
+    mirror.redirect(1, "/blobs/1")  # the same host: followed
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_the_published_sha256_and_size_are_checked(mirror, shard_bytes, tmp_path):
+    """As on Hugging Face: the resolve answer is a redirect that carries the file's sha256 and size."""
+    import hashlib
+
+    mirror.routes["/blobs/1"] = lambda h, n: h.send_body(shard_bytes[1])
+    right = hashlib.sha256(shard_bytes[1]).hexdigest()
+    for headers, problem in [([("X-Linked-Etag", f'"{"0" * 64}"')], "sha256 "), ([("X-Linked-Size", "123")], "truncated")]:
+        mirror.redirect(1, "/blobs/1", headers)
+        reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+        assert reason.startswith(problem) and reason.endswith("(after 5 attempts)"), reason
+        assert os.listdir(tmp_path) == []
+    mirror.redirect(1, "/blobs/1", [("X-Linked-Etag", f'"{right}"'), ("X-Linked-Size", str(len(shard_bytes[1])))])
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_unreachable_source_fails_fast_with_one_helpful_message(tmp_path):
+    """No retries for a host that refuses connections: one message naming it and the ways out."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    t0 = time.time()
+    r = run_cli(tmp_path, f"http://127.0.0.1:{port}", num_shards=None)
+    assert time.time() - t0 < 15
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
+    assert r.stderr.startswith("prepare: cannot reach 127.0.0.1 ([Errno 111] Connection refused)")
+    assert all(way in r.stderr for way in ("--source-dir", "HF_ENDPOINT", "AUTORESEARCH_CACHE"))
+    assert "again" not in r.stdout + r.stderr and len(r.stdout.splitlines()) == 2  # the cache, the data line

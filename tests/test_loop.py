@@ -50,8 +50,6 @@ ENV = {
     "OMP_NUM_THREADS": "1",  # on a small shared machine one thread is faster than oversubscribed cores
 }
 # TODO-LEAD: remove this switch once prepare.py's --check has landed (prepare-faults): then always run it
-HAS_CHECK = '"--check"' in (ROOT / "prepare.py").read_text()
-
 # Every command in program.md has exactly one of these roles (patterns match whole command lines).
 ROLES = {
     # setup
@@ -347,11 +345,8 @@ def setup_steps(agent, tag=None):
     check; with a tag, steps 5-6 as well: tonight's branch and results.tsv."""
     assert not (agent.cwd / "results.tsv").exists() and "no results.tsv yet" in agent.do("history")
     assert agent.do("branches").strip() == ""
-    if HAS_CHECK:
-        out = agent.do("check")
-        assert agent.env["AUTORESEARCH_CACHE"] in out, out
-    else:
-        RAN.add("check")  # TODO-LEAD: the --check command is not in prepare.py yet: skipped until it lands
+    out = agent.do("check")
+    assert agent.env["AUTORESEARCH_CACHE"] in out, out
     # the test's own budget knobs are what the check must catch; a moved cache is not
     assert agent.do("env_check").split() == ["AUTORESEARCH_EVAL_TOKENS=8192", "AUTORESEARCH_TIME_BUDGET=2"]
     clean = {k: v for k, v in agent.env.items() if k not in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS")}

@@ -3,18 +3,12 @@ formulas written out here, published identities, and torch.optim.AdamW. Never ag
 own output. The schedules as the training loop applies them, and gradient accumulation, are
 checked on real runs of the script in test_train_run.py."""
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import prepare
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from same_math import load_train_definitions  # noqa: E402
+from same_math import load_train_definitions
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +20,9 @@ def tiny_model(tr, attention=None, seed=0, **config):
     """train.py's GPT at a tiny size, initialised as train.py does, with `attention` (default:
     prepare's sdpa) as its attention function. The one place in this file that knows how the
     model is built."""
-    tr.attention = attention or prepare.make_attention("sdpa", torch.device("cpu"), 64)
-    tr.relu_squared_mlp = prepare.relu_squared_mlp_plain
-    tr.softcap_cross_entropy = prepare.softcap_cross_entropy_plain
     sizes = dict(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     torch.manual_seed(seed)
-    model = tr.GPT(tr.GPTConfig(**{**sizes, **config}))
+    model = tr.GPT(tr.GPTConfig(**{**sizes, **config}), attention or prepare.make_attention("sdpa", torch.device("cpu"), 64))
     model.init_weights()
     return model
 

@@ -224,7 +224,6 @@ def oom_after(forwards):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="train.py's retry calls torch.cuda.reset_peak_memory_stats(), which raises off CUDA: guard it with device.type == 'cuda'")
 def test_out_of_memory_in_the_first_step_retries_at_half_the_batch(tiny_cache, tmp_path):
     path = train_copy(tmp_path, device_batch=2, edits=[oom_after(0)], tail=PRINT_TRAINED)
     result = run(path, tiny_cache, budget=1)
