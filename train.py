@@ -70,7 +70,7 @@ def softcap(logits):
 
 @triton_jit
 def softcap_tile(logits, cap):  # (the capped logits, their derivative)
-    t = 1.0 - 2.0 / (tl.exp(2.0 * logits / cap) + 1.0)  # tanh
+    t = 1.0 - 2.0 / (tl.exp(logits * (2.0 / cap)) + 1.0)  # tanh; 2 / cap is one division, not one an element
     return cap * t, 1.0 - t * t
 
 

@@ -24,6 +24,9 @@ sys.path.insert(0, ROOT)
 import prepare  # noqa: E402
 
 
+_LOADED = []
+
+
 def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     """train.py is a flat script; its definitions are everything above the Setup section."""
     source = open(path).read()
@@ -33,6 +36,9 @@ def load_train_definitions(path=os.path.join(ROOT, "train.py")):
     module.__file__ = path
     sys.modules[module.__name__] = module  # torch.compile looks classes up by their module's name
     exec(compile(head, path, "exec"), module.__dict__)
+    # Each load registers train.py's custom ops again under the same names (the latest wins), and a
+    # collected module would take its registration with it, pulling the ops from under the others.
+    _LOADED.append(module)
     return module
 
 
