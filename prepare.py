@@ -633,9 +633,10 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, data_dir=None):
 # Metric: bits per byte on the validation shard, independent of the vocabulary size
 
 
-def evaluate_bpb(model, tokenizer, batch_size):
+def evaluate_bpb(model, tokenizer, batch_size, progress_after=10.0):
     """val_bpb = sum of per-token losses (nats) over targets that stand for bytes, divided by
-    ln 2 times the number of those bytes. Fixed data, fixed token count: deterministic."""
+    ln 2 times the number of those bytes. Fixed data, fixed token count: deterministic. Once it has
+    taken progress_after seconds (a small machine, a first compile), it prints where it is."""
     import torch
 
     device = next(model.parameters()).device
@@ -645,13 +646,17 @@ def evaluate_bpb(model, tokenizer, batch_size):
     steps = eval_tokens // (batch_size * seq_len)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    t0, shown = time.time(), 0
     with torch.no_grad(), autocast(device):
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             x, y, _ = next(loader)
             loss = model(x, y, reduction="none").view(-1).double()
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
+            if time.time() - t0 > progress_after and (step == steps or 10 * step // steps > shown):
+                shown = 10 * step // steps
+                print(f"evaluation: {step}/{steps} batches ({time.time() - t0:.0f}s)", flush=True)
     bpb = total_nats.item() / (math.log(2) * total_bytes.item())
     if not math.isfinite(bpb):  # NaN or inf losses: the run has no result
         print(f"FAIL: val_bpb is {bpb}", flush=True)

@@ -221,6 +221,18 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
     assert prepare.evaluate_bpb(KnownLoss(8192), tok, B) == got  # deterministic
 
 
+def test_a_long_evaluation_shows_progress(use_cache, monkeypatch, capsys):
+    """A small machine's evaluation takes long enough to look hung: past progress_after seconds
+    it says where it is, at most every tenth of the batches and at the last one."""
+    monkeypatch.setenv("AUTORESEARCH_EVAL_TOKENS", "20480")
+    tok = prepare.Tokenizer.from_directory()
+    quiet = prepare.evaluate_bpb(KnownLoss(8192), tok, 2)
+    assert capsys.readouterr().out == ""
+    assert prepare.evaluate_bpb(KnownLoss(8192), tok, 2, progress_after=0) == quiet
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" batches")[0] for line in lines] == [f"evaluation: {i}/20" for i in range(2, 21, 2)]
+
+
 # ---------------------------------------------------------------------------
 # Platform
 
