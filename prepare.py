@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -57,6 +58,7 @@ PRETOKENIZE_SHARDS = 16  # prepare tokenizes this many training shards ahead (mo
 # tiktoken's split regex gives up (a panic) only on runs of ~1M characters, such as spaces:
 SPLIT_CHECK_CHARS = 100_000  # documents this long are tried before a shard is kept, shorter ones are safe
 DOWNLOAD_SECONDS = 900  # per shard, overall: a server that trickles bytes is given up on, not waited for
+NAME_LOOKUP_SECONDS = 15  # a host name that does not resolve by then is unreachable
 
 # Without CUDA the figures above would make one experiment take hours: shorter sequences and a
 # smaller evaluation. Such a val_bpb is NOT comparable with a GPU's.
@@ -253,13 +255,34 @@ def _download(url, tmp):
         cause = getattr(e.args[0], "reason", None) if e.args else None  # requests wraps urllib3's error
         if isinstance(e, requests.ConnectTimeout) or isinstance(cause, urllib3.exceptions.NewConnectionError):
             why = "no answer in 10 s" if isinstance(e, requests.ConnectTimeout) else one_line(cause.__cause__ or cause)
-            raise SystemExit(f"prepare: cannot reach {urllib.parse.urlparse(target).hostname} ({why}). Ways out: copy shards from a local folder "
-                             "(--source-dir DIR), download from a mirror (HF_ENDPOINT=URL), or use a cache prepared elsewhere (AUTORESEARCH_CACHE=DIR).")
+            raise _unreachable(urllib.parse.urlparse(target).hostname, why)
         raise Retry(one_line(e))
     if size >= 0 and got != size:
         raise Retry(f"truncated: {got:,} of {size:,} bytes")
     if sha and digest.hexdigest() != sha:
         raise Retry(f"sha256 {digest.hexdigest()[:12]}... is not the {sha[:12]}... that the source publishes")
+
+
+def _unreachable(host, why):
+    return SystemExit(f"prepare: cannot reach {host} ({why}). Ways out: copy shards from a local folder (--source-dir DIR), "
+                      "download from a mirror (HF_ENDPOINT=URL), or use a cache prepared elsewhere (AUTORESEARCH_CACHE=DIR).")
+
+
+def _check_name_resolves(host):
+    """requests' timeouts do not cover the name lookup, which can hang for minutes: bounded here."""
+    failed = []
+
+    def lookup():
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(NAME_LOOKUP_SECONDS)
+    if thread.is_alive() or failed:
+        raise _unreachable(host, one_line(failed[0]) if failed else f"its name did not resolve in {NAME_LOOKUP_SECONDS} s")
 
 
 def fetch_shard(index, data_dir, source_dir=None, attempts=5, backoff=2.0, log=print):
@@ -308,6 +331,8 @@ def fetch_shards(indices, data_dir, workers=8, source_dir=None, backoff=2.0):
     todo = [i for i in indices if not shard_is_valid(os.path.join(data_dir, shard_name(i)))]
     print(f"data: {len(indices) - len(todo)}/{len(indices)} shards already in {data_dir}; fetching {len(todo)} from {source_dir or base_url()}")
     failed, t0 = {}, time.time()
+    if todo and not source_dir:
+        _check_name_resolves(urllib.parse.urlparse(base_url()).hostname)
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
         futures = {i: pool.submit(fetch_shard, i, data_dir, source_dir, 5, backoff) for i in todo}
         try:

@@ -550,3 +550,28 @@ def test_unreachable_source_fails_fast_with_one_helpful_message(tmp_path):
     assert r.stderr.startswith("prepare: cannot reach 127.0.0.1 ([Errno 111] Connection refused)")
     assert all(way in r.stderr for way in ("--source-dir", "HF_ENDPOINT", "AUTORESEARCH_CACHE"))
     assert "again" not in r.stdout + r.stderr and len(r.stdout.splitlines()) == 2  # the cache, the data line
+
+
+def test_a_name_lookup_that_hangs_is_cut_off(tmp_path, monkeypatch):
+    """requests' timeouts do not cover resolving the host name: a lookup that hangs (a broken DNS)
+    ends the run with the same one-line way out, not a wait of minutes."""
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hang)
+    monkeypatch.setattr(prepare, "NAME_LOOKUP_SECONDS", 0.5)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"^prepare: cannot reach mirror\.example \(its name did not resolve in 0\.5 s\)\. Ways out"):
+        prepare.fetch_shards([0], str(tmp_path / "data"))
+    assert time.time() - t0 < 5
+
+
+def test_a_name_that_does_not_resolve_is_one_message_at_once(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
+    with pytest.raises(SystemExit, match=r"^prepare: cannot reach mirror\.example \(\[Errno -3\] Temporary failure in name resolution\)"):
+        prepare.fetch_shards([0], str(tmp_path / "data"))
