@@ -367,9 +367,11 @@ def tokenizer_training_text(paths, max_chars=TOKENIZER_MAX_CHARS, doc_cap=TOKENI
     each cut to doc_cap characters; stop right after the one that reaches max_chars in total."""
     total = 0
     for path in paths:
-        pf = pq.ParquetFile(path)
+        pf, row = pq.ParquetFile(path), -1
         for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+            for row, text in enumerate(pf.read_row_group(rg, columns=["text"]).column("text").to_pylist(), row + 1):
+                if not isinstance(text, str):  # a shard an older version kept without checking its rows
+                    raise SystemExit(f"{path} row {row} holds {text!r}, not text: delete it and run `uv run prepare.py` to fetch it again.")
                 doc = text[:doc_cap]
                 total += len(doc)
                 yield doc

@@ -32,6 +32,15 @@ def test_training_text_order_and_caps(tmp_path):
     assert list(prepare.tokenizer_training_text(paths, max_chars=7)) == ["a" * 3, "d" * 4]
 
 
+def test_training_text_names_a_row_that_is_not_text(tmp_path):
+    """A shard cached by an older version, before rows were checked: one line naming it and the row."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_shard(str(folder / "shard_00000.parquet"), ["a", "b", "c", None, "e"], row_group_size=2)
+    with pytest.raises(SystemExit, match=r"shard_00000\.parquet row 3 holds None, not text: delete it"):
+        list(prepare.tokenizer_training_text(prepare.list_shards("train", str(folder))))
+
+
 def test_tokenizer_artefacts_are_safe_and_round_trip(tiny_cache):
     folder = tiny_cache / "tokenizer"
     assert sorted(os.listdir(folder)) == ["meta.json", "ranks.tiktoken", "token_bytes.npy"]
