@@ -49,7 +49,6 @@ ENV = {
     "CUDA_VISIBLE_DEVICES": "",  # CPU even on a GPU machine, so that the shrunk small-machine line applies
     "OMP_NUM_THREADS": "1",  # on a small shared machine one thread is faster than oversubscribed cores
 }
-# TODO-LEAD: remove this switch once prepare.py's --check has landed (prepare-faults): then always run it
 # Every command in program.md has exactly one of these roles (patterns match whole command lines).
 ROLES = {
     # setup
