@@ -954,7 +954,7 @@ def ops_called(fn):
     would not survive.)"""
     import torch
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as profile:  # (no warning)
         fn()
     return {event.name for event in profile.events()}
 
