@@ -5,6 +5,7 @@ flash-attention kernels, and Triton's interpreter on machines without a GPU."""
 import math
 import os
 import random
+import shutil
 import sys
 
 import pyarrow as pa
@@ -78,6 +79,27 @@ def tiny_cache(tmp_path_factory):
     make_shards(str(root / "data"))
     prepare.train_tokenizer(str(root / "data"), str(root / "tokenizer"))
     return root
+
+
+SMALL_MACHINE_LINE = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"  # in train.py's Setup
+SMALL_SEQ_TOKENS = 2 * prepare.SMALL_SEQ_LEN  # the tiny copies' tokens per step: two sequences
+
+
+def train_copy(folder, device_batch=2, edits=(), tail=""):
+    """train.py in folder, beside a copy of prepare.py (which it imports): its small-machine line
+    shrunk to one layer and two sequences a step, in micro-batches of device_batch rows; each (old,
+    new) of edits replaces text that must occur once; tail is appended after the summary."""
+    source = open(os.path.join(ROOT, "train.py")).read()
+    tiny = f"DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, {device_batch}, {SMALL_SEQ_TOKENS}"
+    for old, new in [(SMALL_MACHINE_LINE, tiny), *edits]:
+        assert source.count(old) == 1, f"train.py changed: {old!r} should occur once; update this test's edit"
+        source = source.replace(old, new)
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "prepare.py"), folder)
+    path = os.path.join(folder, "train.py")
+    with open(path, "w") as f:
+        f.write(source + tail)
+    return path
 
 
 @pytest.fixture

@@ -18,25 +18,15 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT, make_shards, sample_data_dir, write_shard
+from conftest import ROOT, make_shards, sample_data_dir, train_copy, write_shard
 
 PROJECT_FILES = ["prepare.py", "train.py", "program.md", ".gitignore", "pyproject.toml", "uv.lock", "README.md", "analysis.ipynb"]
-SMALL = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"
 
 
 def copy_cache(tiny_cache, dest, parts=("data", "tokenizer")):
     for part in parts:
         shutil.copytree(tiny_cache / part, dest / part)
     return dest
-
-
-def tiny_train(folder):
-    """train.py with its small-machine line shrunk to one layer and 1,024-token steps, beside a copy of prepare.py."""
-    source = open(os.path.join(ROOT, "train.py")).read()
-    assert SMALL in source, "train.py's small-machine line changed: update this test"
-    (folder / "train.py").write_text(source.replace(SMALL, "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, 2, 2**10"))
-    shutil.copy(os.path.join(ROOT, "prepare.py"), folder)
-    return str(folder / "train.py")
 
 
 def env_with(cache, **extra):
@@ -156,7 +146,7 @@ def test_train_checks_what_evaluation_needs_before_training(tiny_cache, tmp_path
     """With a 300 s budget, each problem stops train.py within seconds, in one line naming the
     repair, instead of after the whole budget."""
     cache = copy_cache(tiny_cache, tmp_path / "cache")
-    train = tiny_train(tmp_path)
+    train = train_copy(tmp_path)
     t0 = time.time()
     r = run(train, cache, AUTORESEARCH_TIME_BUDGET="300", AUTORESEARCH_EVAL_TOKENS="1000")
     assert r.returncode == 1
@@ -205,7 +195,7 @@ def test_every_setting_is_checked_at_start(tmp_path, name, value, message):
 
 
 def test_train_checks_settings_and_arguments_before_anything_runs(tmp_path):
-    train = tiny_train(tmp_path)
+    train = train_copy(tmp_path)
     r = run(train, tmp_path / "none", AUTORESEARCH_TIME_BUDGET="0")
     assert r.returncode == 1 and one_line(r.stderr) == "AUTORESEARCH_TIME_BUDGET='0' must be a positive whole number"
     for script in (PREPARE, train):
@@ -267,7 +257,7 @@ def test_a_full_disk_is_an_error_and_leaves_no_temporary_files(tiny_cache, tmp_p
     assert r.returncode == 1 and one_line(r.stderr).startswith("prepare: FAILED: [Errno 27] File too large")
     assert sorted(os.listdir(cache)) == [".lock", "data"] and temps(cache) == []
     shutil.copytree(tiny_cache / "tokenizer", cache / "tokenizer")
-    r = run(tiny_train(tmp_path), cache, limit_bytes=5_000)  # the validation shard's tokens are larger
+    r = run(train_copy(tmp_path), cache, limit_bytes=5_000)  # the validation shard's tokens are larger
     assert r.returncode == 1 and one_line(r.stderr).startswith("Cannot write the token cache ([Errno 27] File too large")
     assert temps(cache) == [] and not any(n.endswith(".npz") for _, _, files in os.walk(cache) for n in files)
 
@@ -297,7 +287,7 @@ def test_prepare_removes_what_dead_runs_left_in_every_cache_folder(tiny_cache, t
 
 def test_ctrl_c_ends_train_with_one_line(tiny_cache, tmp_path):
     cache = copy_cache(tiny_cache, tmp_path / "cache")
-    train = tiny_train(tmp_path)
+    train = train_copy(tmp_path)
     proc = subprocess.Popen([sys.executable, train], env=env_with(cache, AUTORESEARCH_TIME_BUDGET="300"), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -333,7 +323,7 @@ def test_two_trains_at_once_on_a_cold_token_cache(tiny_cache, tmp_path):
     """Both tokenize the same shards and publish them by rename; both finish with a result.
     (Two training processes side by side: ~40 s on 2 cores.)"""
     cache = copy_cache(tiny_cache, tmp_path / "cache")
-    train = tiny_train(tmp_path)
+    train = train_copy(tmp_path)
     procs = [subprocess.Popen([sys.executable, train], env=env_with(cache, AUTORESEARCH_TIME_BUDGET="2"), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]

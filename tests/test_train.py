@@ -3,7 +3,6 @@
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import torch
 
 import prepare
 import variants
-from conftest import ROOT, flash_backward, flash_forward
+from conftest import ROOT, flash_backward, flash_forward, train_copy
 from same_math import load_train_definitions, training_losses
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -170,22 +169,6 @@ def test_compiled_optimizer_is_one_graph_for_every_step(tr, monkeypatch):
 # Whole runs of the real script on CPU, on the tiny fixture data
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps", "num_params_M", "depth"]
-TINY = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, 2, 2**10"
-
-
-def write_tiny_train(tmp_path, edit=None):
-    """A copy of train.py with a tiny small-machine setting (and an optional further edit)."""
-    source = open(TRAIN_PY).read()
-    small = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"
-    assert small in source, "train.py's small-machine line changed: update this test"
-    source = source.replace(small, TINY)
-    if edit:
-        source = edit(source)
-    shutil.copy(os.path.join(ROOT, "prepare.py"), tmp_path)  # train.py imports it from its own folder
-    path = os.path.join(tmp_path, "train.py")
-    with open(path, "w") as f:
-        f.write(source)
-    return path
 
 
 def run_train(path, cache, env_extra=None):
@@ -379,7 +362,7 @@ def test_compile_cache_sees_edits_to_kernels_and_norm(tmp_path, triton_interpret
 
 
 def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
-    result = run_train(write_tiny_train(tmp_path), tiny_cache)
+    result = run_train(train_copy(tmp_path), tiny_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "NOTE: NON-DEFAULT TIME_BUDGET=2s" in out and "NOTE: NON-DEFAULT EVAL_TOKENS=8,192" in out
@@ -406,7 +389,7 @@ def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
 
 
 def test_missing_data_is_one_line(tmp_path):
-    path = write_tiny_train(tmp_path)
+    path = train_copy(tmp_path)
     result = run_train(path, tmp_path / "no-cache")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

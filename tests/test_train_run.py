@@ -9,7 +9,6 @@ tests read are module fixtures: one run, many assertions."""
 import ast
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,29 +18,11 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT
+from conftest import ROOT, SMALL_SEQ_TOKENS, train_copy
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
-SMALL_LINE = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"
 SEQ_LEN = prepare.SMALL_SEQ_LEN  # what train.py uses without CUDA
-TOKENS_PER_STEP = 2 * SEQ_LEN
-
-
-def train_copy(folder, device_batch, edits=(), tail=""):
-    """train.py in folder (beside prepare.py, which it imports): one layer, 2 x 512 tokens a step in
-    micro-batches of device_batch rows; each (old, new) of edits replaces text that occurs once;
-    tail is appended after the summary."""
-    source = open(TRAIN_PY).read()
-    tiny = f"DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, {device_batch}, {TOKENS_PER_STEP}"
-    for old, new in [(SMALL_LINE, tiny), *edits]:
-        assert source.count(old) == 1, f"train.py changed: {old!r} should occur once; update this test's edit"
-        source = source.replace(old, new)
-    os.makedirs(folder, exist_ok=True)
-    shutil.copy(os.path.join(ROOT, "prepare.py"), folder)
-    path = os.path.join(folder, "train.py")
-    with open(path, "w") as f:
-        f.write(source + tail)
-    return path
+TOKENS_PER_STEP = SMALL_SEQ_TOKENS
 
 
 def run(path, cache, budget, timeout=120):
