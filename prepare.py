@@ -1041,13 +1041,13 @@ def main():
             again = " Run it again to resume." if any(r.endswith(" attempts)") for r in failed.values()) else ""
             sys.exit(f"prepare: FAILED: {len(failed)} shard(s) missing: {', '.join(shard_name(i) for i in sorted(failed))}.{again}")
         try:
-            read_tokenizer()
+            tokenizer = Tokenizer.from_directory()
             print(f"tokenizer: already in {TOKENIZER_DIR}")
         except SystemExit as e:  # absent, or damaged: trained (again)
             if os.path.exists(TOKENIZER_DIR):
                 print(f"tokenizer: {e}")
             train_tokenizer()
-        tokenizer = Tokenizer.from_directory()
+            tokenizer = Tokenizer.from_directory()
         for path in list_shards("val") + list_shards("train")[:PRETOKENIZE_SHARDS]:
             if load_tokenized(path, tokenizer) is None:
                 t1 = time.time()
