@@ -47,6 +47,20 @@ def activation_grad_tile(h):  # d activation / dh, from the input h
 
 
 ACTIVATION_GRAD_FROM_OUTPUT = False'''
+RELU = '''def activation(h):  # the MLP's nonlinearity: ReLU
+    return torch.relu(h)
+'''
+RELU_TILES = '''@triton_jit
+def activation_tile(h):
+    return tl.maximum(h, 0.0)
+
+
+@triton_jit
+def activation_grad_tile(y):  # d activation / dh, from the output
+    return tl.where(y > 0.0, 1.0, 0.0)
+
+
+ACTIVATION_GRAD_FROM_OUTPUT = True'''
 CE = '''    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
 '''
 Z_LOSS = '''    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
@@ -70,6 +84,8 @@ def token_loss_grad_tile(probs, is_target, lse):  # d loss / d capped logits; pr
 VARIANTS = {
     "gelu": [(RELU2, GELU), (RELU2_TILES, GELU_TILES)],
     "gelu_plain": [(RELU2, GELU)],
+    "relu": [(RELU2, RELU), (RELU2_TILES, RELU_TILES)],
+    "relu_plain": [(RELU2, RELU)],
     "zloss": [(CE, Z_LOSS), (CE_TILES, Z_LOSS_TILES)],
     "zloss_plain": [(CE, Z_LOSS)],
 }

@@ -284,7 +284,7 @@ def test_start_up_check_takes_agreeing_kernels_and_refuses_the_others(tmp_path, 
     reason, and the run uses the formula. The z-loss changes the loss by ~0.1% only: the float32
     part of the check sees it."""
     source = open(TRAIN_PY).read()
-    expected = {"gelu": ("", ""), "gelu_plain": ("mlp", ""), "zloss": ("", ""), "zloss_plain": ("", "loss")}
+    expected = {"gelu": ("", ""), "gelu_plain": ("mlp", ""), "relu": ("", ""), "relu_plain": ("mlp", ""), "zloss": ("", ""), "zloss_plain": ("", "loss")}
     for name, refused in expected.items():
         path = tmp_path / f"train_{name}.py"
         path.write_text(variants.variant_source(name, source))
