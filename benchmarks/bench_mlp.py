@@ -1,7 +1,7 @@
 """train.py's MLP alone, compiled, forward + backward at a 64-sequence micro-step's shapes (64 x 2048 tokens,
 width 512, hidden 2048, bf16 autocast, float32 weights): train.py's mlp formula in plain PyTorch
 against its fused Triton kernel, with cuBLAS's matmul alone for scale, the extra
-memory each keeps for the backward, and how far each one's output and gradients are from float32.
+memory each keeps for the backward, and how far each one's output and gradients are from float64.
 Then each fused kernel alone (the forward's matmul with the activation in its epilogue, the backward's
 with its derivative), with its registers and spills. Give copies of train.py to compare them
 (benchmarks/variants.py makes some). Needs a CUDA GPU.
@@ -32,7 +32,7 @@ print(f"cuBLAS matmul alone ({B * T} x {C} @ {C} x {H}): {ms:.3f} ms, {2 * B * T
 
 def kernels_alone(tr):
     """The fused MLP's two Triton launches alone: ms and TFLOP/s of each, registers and spills."""
-    h, saved = tr.mlp_matmul(a, b.T)
+    saved = tr.mlp_matmul(a, b.T)[1]
     fwd = cuda_ms(lambda: tr.mlp_matmul(a, b.T))
     bwd = cuda_ms(lambda: tr.mlp_matmul(dout.view(-1, C), w_proj.bfloat16(), saved))
     compiled = [k for cache in tr.mlp_matmul_kernel.device_caches.values() for k in cache[0].values()]
