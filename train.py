@@ -158,7 +158,7 @@ def mlp_matmul_blocks(device, dtype, backward):
     if device.type != "cuda" or dtype == torch.float32:  # Triton's interpreter (tests), the start-up check's float32
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, PERSISTENT=not backward)
     if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:  # Hopper, Blackwell
-        if backward:  # at most 128 registers a thread: two programs share an SM, one's epilogue hides the other's matmul
+        if backward:  # at most 128 registers a thread: two programs share an SM, one's matmul runs during the other's epilogue
             return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=False, maxnreg=128)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=True)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)  # fits 64 KB
