@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # tests use the benchmarks
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prepare  # noqa: E402
+from check_attention import band_scores, expand_heads  # noqa: E402  (the float64 attention reference)
 
 # Without a GPU, Triton's CPU interpreter runs the fused MLP and loss kernels. It has to be switched on before
 # triton is first imported (its standard library is compiled at import), so here, not in a fixture.
@@ -117,19 +118,6 @@ def use_cache(tiny_cache, monkeypatch):
 # this GPU-less machine. Same contract: out and lse (B, H, T) forward; dq, dk, dv from lse backward.
 # k and v may have fewer heads than q (grouped-query attention): query head h reads key/value head
 # h // (H / H_kv), as torch's enable_gqa and flash-attn group them.
-
-
-def expand_heads(kv, n_head):
-    return kv.repeat_interleave(n_head // kv.size(2), dim=2)
-
-
-def band_scores(q, k, window):
-    """Attention scores in float64, -inf outside the band j <= i, i - j <= window."""
-    T, D = q.size(1), q.size(-1)
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
-    scores = torch.einsum("bthd,bshd->bhts", q.double(), expand_heads(k, q.size(2)).double()) / math.sqrt(D)
-    return scores.masked_fill(~((j <= i) & (i - j <= window)), float("-inf"))
 
 
 def flash_forward(q, k, v, window):

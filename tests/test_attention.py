@@ -6,14 +6,11 @@ import pytest
 import torch
 
 import prepare
-from conftest import band_scores, expand_heads, flash_backward, flash_forward
+from check_attention import reference_attention
+from conftest import flash_backward, flash_forward
 
 # (query heads, key/value heads): multi-head, grouped-query, one key/value head
 HEADS = [(3, 3), (4, 2), (4, 1)]
-
-
-def reference_attention(q, k, v, window):
-    return torch.einsum("bhts,bshd->bthd", band_scores(q, k, window).softmax(-1), expand_heads(v, q.size(2)).double())
 
 
 def qkv(T, heads, head_dim, seed, requires_grad=False):
