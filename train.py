@@ -806,11 +806,10 @@ while True:
     tok_per_sec = TOTAL_BATCH_SIZE / dt
     mfu = f"{100 * flops_per_token * tok_per_sec / peak:.1f}%" if peak else "n/a"
     remaining = max(0.0, TIME_BUDGET - training_time)
-    print(  # rewritten in place on a terminal; one line per step in a log file, so `tail` works
-        f"\rstep {step:05d} ({100 * progress:.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | {1000 * dt:.0f} ms | "
-        f"{tok_per_sec:,.0f} tok/s | mfu {mfu} | epoch {epoch} | {remaining:.0f}s left   ",
-        end="" if interactive else "\n", flush=True,
-    )
+    status = (f"step {step:05d} ({100 * progress:.1f}%) | loss {debiased:.4f} | lrm {lrm:.2f} | {1000 * dt:.0f} ms | "
+              f"{tok_per_sec:,.0f} tok/s | mfu {mfu} | epoch {epoch} | {remaining:.0f}s left")
+    # rewritten in place on a terminal; in a log file one line per step, each starting with "step"
+    print(f"\r{status}   " if interactive else status, end="" if interactive else "\n", flush=True)
     if step == 0:  # the garbage collector's pauses cost ~500 ms; nothing here needs it
         gc.collect()
         gc.freeze()
