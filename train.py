@@ -11,6 +11,7 @@ tokenizer, metric and platform plumbing live in prepare.py, which is fixed.
 
 import gc
 import hashlib
+import inspect
 import math
 import sys
 import time
@@ -96,21 +97,14 @@ def token_loss_grad_tile(probs, is_target, lse):  # d loss / d capped logits; pr
 # MLP: a matmul that applies the activation in its epilogue (forward) or the activation's
 # derivative (backward), so the hidden activation is written once and read once. Loss: one pass
 # over each row of logits computes the token's loss and overwrites the row with its gradient.
-# Both are torch.library ops, which torch.compile keeps whole. Inductor's on-disk cache knows an op
-# by its name only, so the names carry a hash of the source from the formulas above to the end of
-# this section: an edit there is compiled afresh, never served stale from the cache.
-
-_source = open(__file__).read()
-OPS_VERSION = hashlib.sha256(_source[_source.index("# Formulas with fused kernels") : _source.index("\n# Model\n")].encode()).hexdigest()[:12]
-MLP_OP = f"autoresearch::mlp_{OPS_VERSION}"
-LOSS_OP = f"autoresearch::token_losses_{OPS_VERSION}"
+# Both become torch.library ops at the end of this section, which torch.compile keeps whole.
 
 
 @triton_jit
-def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, post_ptr, M, N, K: tl.constexpr, s_am, s_ak, s_bk, s_bn, s_om, s_on,
-                      BACKWARD: tl.constexpr, GRAD_FROM_OUTPUT: tl.constexpr, PERSISTENT: tl.constexpr, TILES: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, post_ptr, M, N, K: tl.constexpr,
+                      s_am, s_ak, s_bk, s_bn, s_om, s_on, BACKWARD: tl.constexpr, GRAD_FROM_OUTPUT: tl.constexpr,
+                      PERSISTENT: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # h = a @ b, accumulated in float32 and rounded to the output's dtype (as a cuBLAS output is); then
     #   forward:  out = activation(h); saved = h, unless the derivative reads the output (out is kept then)
     #   backward: h is d loss / d activation; out = h * activation'(saved), and post = activation(saved)
@@ -129,12 +123,12 @@ def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, post_ptr, M, N, K: tl.co
         pid_n = (tile % (GROUP_M * grid_n)) // rows
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tokens x hidden can pass 2^31 elements
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_in = (rm < M) & (tile < grid_m * grid_n)  # a program's last tile may be past the end
+        row_inside = (rm < M) & (tile < grid_m * grid_n)  # a program's last tile may be past the end
         a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
         b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=m_in[:, None] & (rk[None, :] < K - k), other=0.0)
+            a = tl.load(a_ptrs, mask=row_inside[:, None] & (rk[None, :] < K - k), other=0.0)
             b = tl.load(b_ptrs, mask=(rk[:, None] < K - k) & (rn[None, :] < N), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * s_ak
@@ -142,7 +136,7 @@ def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, post_ptr, M, N, K: tl.co
         dtype = out_ptr.dtype.element_ty
         h = acc.to(dtype).to(tl.float32)
         offsets = rm[:, None] * s_om + rn[None, :] * s_on
-        inside = m_in[:, None] & (rn[None, :] < N)
+        inside = row_inside[:, None] & (rn[None, :] < N)
         if BACKWARD:
             z = tl.load(saved_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             tl.store(out_ptr + offsets, (h * activation_grad_tile(z)).to(dtype), mask=inside)
@@ -155,79 +149,64 @@ def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, post_ptr, M, N, K: tl.co
 
 
 def mlp_matmul_blocks(device, dtype, backward):
-    if device.type != "cuda" or dtype == torch.float32:  # Triton's interpreter (tests), the start-up check's float32
+    if device.type != "cuda" or dtype == torch.float32:  # Triton's interpreter (tests), the check's float32
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, PERSISTENT=not backward)
     if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024:  # Hopper, Blackwell
-        if backward:  # at most 128 registers a thread: two programs share an SM, one's matmul runs during the other's epilogue
-            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=False, maxnreg=128)
+        if backward:  # at most 128 registers a thread: two programs an SM, one's matmul under the other's epilogue
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PERSISTENT=False,
+                        maxnreg=128)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=True)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)  # fits 64 KB
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4, PERSISTENT=False)  # 64 KB
 
 
 def mlp_matmul(a, b, saved=None):
-    """Forward (saved None): (activation(a @ b), what the backward needs). Backward: (a @ b times the
-    activation's derivative at saved, the activation)."""
+    """Forward (saved None): (activation(a @ b), what the backward needs: h, or the output itself when
+    the derivative reads the output). Backward: (a @ b times the activation's derivative at saved,
+    the activation, which the weight gradient needs)."""
+    backward = saved is not None
     M, K = a.shape
     N = b.shape[1]
     out = a.new_empty((M, N))
-    other = out if ACTIVATION_GRAD_FROM_OUTPUT else a.new_empty((M, N))  # forward: h; backward: the activation
-    cfg = mlp_matmul_blocks(a.device, a.dtype, backward=saved is not None)
+    if backward:  # the activation: the forward's output itself, or rebuilt from h by the kernel
+        post = saved if ACTIVATION_GRAD_FROM_OUTPUT else a.new_empty((M, N))
+    else:  # the kernel keeps h, unless the derivative reads the output
+        saved = post = out if ACTIVATION_GRAD_FROM_OUTPUT else a.new_empty((M, N))
+    cfg = mlp_matmul_blocks(a.device, a.dtype, backward)
     tiles = programs = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if cfg["PERSISTENT"]:  # one program per SM (3 in the interpreter, so that the tests see programs walk tiles)
         programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3)
-    mlp_matmul_kernel[(programs,)](a, b, out, other if saved is None else saved, other, M, N, K, a.stride(0), a.stride(1),
-                                   b.stride(0), b.stride(1), out.stride(0), out.stride(1), BACKWARD=saved is not None,
+    mlp_matmul_kernel[(programs,)](a, b, out, saved, post, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                   out.stride(0), out.stride(1), BACKWARD=backward,
                                    GRAD_FROM_OUTPUT=ACTIVATION_GRAD_FROM_OUTPUT, TILES=triton.cdiv(tiles, programs),
                                    PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
-    if saved is None:
-        return out, other
-    return out, saved if ACTIVATION_GRAD_FROM_OUTPUT else other
+    return out, post if backward else saved
 
 
-@torch.library.custom_op(MLP_OP, mutates_args=())
-def mlp_op(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
+def mlp_forward(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> tuple[Tensor, Tensor]:
     """mlp() for 2-D x, all inputs in one dtype; also returns what its backward needs."""
     post, saved = mlp_matmul(x, w_fc.t())
     return post @ w_proj.t(), saved
 
 
-@mlp_op.register_fake
-def _(x, w_fc, w_proj):
+def mlp_forward_shapes(x, w_fc, w_proj):  # what torch.compile traces in the kernel's place
     return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
 
 
-@torch.library.custom_op(MLP_OP + "_backward", mutates_args=())
-def mlp_backward_op(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def mlp_backward(dout: Tensor, x: Tensor, w_fc: Tensor, w_proj: Tensor, saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dh, post = mlp_matmul(dout, w_proj, saved)
     return dh @ w_fc, dh.t() @ x, dout.t() @ post
 
 
-@mlp_backward_op.register_fake
-def _(dout, x, w_fc, w_proj, saved):
+def mlp_backward_shapes(dout, x, w_fc, w_proj, saved):
     return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
 
-def _mlp_setup_context(ctx, inputs, output):
+def mlp_save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(*inputs, output[1])
 
 
-def _mlp_backward(ctx, dout, dsaved):  # saved is a by-product: no gradient flows into it
+def mlp_gradients(ctx, dout, dsaved):  # saved is a by-product: no gradient flows into it
     return mlp_backward_op(dout, *ctx.saved_tensors)
-
-
-mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
-
-
-def autocast_dtype(x):
-    """The dtype autocast computes x's matmuls in (x's own outside autocast): the ops take all their
-    inputs in it, cast as autocast casts them."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def fused_mlp(x, w_fc, w_proj):
-    dtype = autocast_dtype(x)
-    out = mlp_op(x.reshape(-1, x.size(-1)).to(dtype), w_fc.to(dtype), w_proj.to(dtype))[0]
-    return out.view(*x.shape[:-1], out.size(-1))
 
 
 @triton_jit
@@ -258,8 +237,7 @@ def token_losses_kernel(logits_ptr, targets_ptr, losses_ptr, V: tl.constexpr, st
             tl.store(row + cols, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
-@torch.library.custom_op(LOSS_OP, mutates_args=())
-def token_losses_op(x: Tensor, w_head: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
+def token_losses_forward(x: Tensor, w_head: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
     """token_losses() for 2-D x: cuBLAS makes the logits, the kernel the losses and, with_grad, the
     logits' gradient in their place (returned for the backward, which is two matmuls)."""
     logits = x @ w_head.t()
@@ -270,17 +248,16 @@ def token_losses_op(x: Tensor, w_head: Tensor, targets: Tensor, with_grad: bool)
     return losses, logits if with_grad else logits.new_empty(0)
 
 
-@token_losses_op.register_fake
-def _(x, w_head, targets, with_grad):
+def token_losses_shapes(x, w_head, targets, with_grad):
     return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty((x.size(0), w_head.size(0)) if with_grad else 0)
 
 
-def _token_losses_setup_context(ctx, inputs, output):
+def token_losses_save_for_backward(ctx, inputs, output):
     x, w_head, _, ctx.with_grad = inputs
     ctx.save_for_backward(x, w_head, output[1])
 
 
-def _token_losses_backward(ctx, dlosses, _):
+def token_losses_gradients(ctx, dlosses, _):
     if not ctx.with_grad:
         raise RuntimeError("token_losses_op ran with with_grad=False: it kept no gradient")
     x, w_head, dlogits = ctx.saved_tensors
@@ -290,7 +267,43 @@ def _token_losses_backward(ctx, dlosses, _):
     return dx, dw, None, None
 
 
-token_losses_op.register_autograd(_token_losses_backward, setup_context=_token_losses_setup_context)
+def source_hash(namespace):
+    """A short hash of the source of every function (Triton's included) and the value of every
+    CAPS constant defined in namespace."""
+    parts = []
+    for name, value in namespace.items():
+        fn = getattr(value, "fn", value)  # a Triton kernel's Python function
+        if inspect.isfunction(fn) and fn.__module__ == namespace["__name__"]:
+            parts.append(inspect.getsource(fn))
+        elif name.isupper() and isinstance(value, (bool, int, float, str)):
+            parts.append(f"{name} = {value!r}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+# Inductor's on-disk caches know a custom op by its name alone, so the names carry a hash of every
+# function and constant defined above: an edited formula, kernel or backward is compiled afresh.
+OPS_VERSION = source_hash(globals())
+MLP_OP, LOSS_OP = f"autoresearch::mlp_{OPS_VERSION}", f"autoresearch::token_losses_{OPS_VERSION}"
+mlp_op = torch.library.custom_op(MLP_OP, mlp_forward, mutates_args=())
+mlp_op.register_fake(mlp_forward_shapes)
+mlp_backward_op = torch.library.custom_op(MLP_OP + "_backward", mlp_backward, mutates_args=())
+mlp_backward_op.register_fake(mlp_backward_shapes)
+mlp_op.register_autograd(mlp_gradients, setup_context=mlp_save_for_backward)
+token_losses_op = torch.library.custom_op(LOSS_OP, token_losses_forward, mutates_args=())
+token_losses_op.register_fake(token_losses_shapes)
+token_losses_op.register_autograd(token_losses_gradients, setup_context=token_losses_save_for_backward)
+
+
+def autocast_dtype(x):
+    """The dtype autocast computes x's matmuls in (x's own outside autocast): the ops take all their
+    inputs in it, cast as autocast casts them."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def fused_mlp(x, w_fc, w_proj):
+    dtype = autocast_dtype(x)
+    out = mlp_op(x.reshape(-1, x.size(-1)).to(dtype), w_fc.to(dtype), w_proj.to(dtype))[0]
+    return out.view(*x.shape[:-1], out.size(-1))
 
 
 def fused_token_losses(x, w_head, targets):
@@ -333,7 +346,8 @@ def check_fused_kernels(device, config, bf16=True):
     def randn(*shape, scale=1.0):
         return torch.randn(shape, device=device, generator=g) * scale
 
-    x, w_fc, w_proj = (t.requires_grad_() for t in (randn(3, 100, C), randn(4 * C, C, scale=C**-0.5), randn(C, 4 * C, scale=C**-0.5)))
+    x, w_fc, w_proj = randn(3, 100, C), randn(4 * C, C, scale=C**-0.5), randn(C, 4 * C, scale=C**-0.5)
+    x, w_fc, w_proj = (t.requires_grad_() for t in (x, w_fc, w_proj))
     mlp_note = check_fused(fused_mlp, mlp, (x, w_fc, w_proj), (x, w_fc, w_proj), randn(3, 100, C), bf16)
     w_head = randn(V, C, scale=4 * C**-0.5).requires_grad_()  # logits of a few units, some past the cap's linear part
     targets = torch.randint(-1, V, (3, 100), device=device, generator=g)  # some -1: ignored
@@ -374,7 +388,7 @@ class RMSNorm(torch.autograd.Function):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 in float32, with float32's eps: as F.rms_norm
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)
         y = xf * rstd
-        y = y if y.dtype == x.dtype else y.to(x.dtype)  # (an output from a no-op .to() gets no gradient under torch.compile)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)  # (under torch.compile a no-op .to() loses the gradient)
         ctx.save_for_backward(y, rstd)
         return y
 
@@ -413,7 +427,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # value embedding gate: how much of this layer's value embedding to mix in, per head
-        self.ve_gate = nn.Linear(32, self.n_kv_head, bias=False) if has_value_embedding(layer_idx, config.n_layer) else None
+        has_ve = has_value_embedding(layer_idx, config.n_layer)
+        self.ve_gate = nn.Linear(32, self.n_kv_head, bias=False) if has_ve else None
 
     def forward(self, x, ve, cos, sin, window):
         B, T, _ = x.shape
@@ -464,12 +479,12 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # scales the residual stream
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # mixes the embedding back in
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict(
-            {str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)}
-        )
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
         # sliding windows: 'L' sees the whole context, 'S' half of it; the last layer is always 'L'
         pattern = config.window_pattern * config.n_layer
-        self.windows = [config.sequence_len if c == "L" else config.sequence_len // 2 for c in pattern[: config.n_layer]]
+        T = config.sequence_len
+        self.windows = [T if c == "L" else T // 2 for c in pattern[: config.n_layer]]
         self.windows[-1] = config.sequence_len
         # rotary embeddings, cached for 10x the context so longer inputs still work
         head_dim = config.n_embd // config.n_head
@@ -617,7 +632,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     state = self.state[p]
                     if not state:
                         state.update(step=torch.zeros((), device=dev), m=torch.zeros_like(p), v=torch.zeros_like(p))
-                    adamw_jobs.append((p, p.grad, state["m"], state["v"], state["step"], lr, *group["betas"], group["eps"], group["weight_decay"]))
+                    adamw_jobs.append((p, p.grad, state["m"], state["v"], state["step"], lr, *group["betas"],
+                                       group["eps"], group["weight_decay"]))
             else:
                 state = self.state[params[0]]
                 if not state:
@@ -629,7 +645,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 lr = self._scalar(group, "lr", group["lr"] * max(1.0, rows / cols) ** 0.5, dev)
                 momentum = self._scalar(group, "momentum", group["momentum"], dev)
                 wd = self._scalar(group, "wd", group["weight_decay"], dev)
-                muon_jobs.append((params, [p.grad for p in params], state["momentum"], state["second"], lr, momentum, group["beta2"], wd))
+                muon_jobs.append((params, [p.grad for p in params], state["momentum"], state["second"], lr, momentum,
+                                  group["beta2"], wd))
         self.update(adamw_jobs, muon_jobs)
 
 
@@ -648,7 +665,8 @@ def build_optimizer(model, compile_math):
         dict(adamw, params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
     for shape, params in sorted(by_shape.items()):
-        groups.append(dict(kind="muon", params=params, lr=MATRIX_LR, momentum=0.95, beta2=0.95, weight_decay=WEIGHT_DECAY))
+        groups.append(dict(kind="muon", params=params, lr=MATRIX_LR, momentum=0.95, beta2=0.95,
+                           weight_decay=WEIGHT_DECAY))
     return MuonAdamW(groups, compile_math)
 
 
@@ -672,7 +690,8 @@ WARMDOWN_RATIO = 0.5
 FINAL_LR_FRAC = 0.0
 
 # ---------------------------------------------------------------------------
-# Setup: from here on the script runs (the tests import only the definitions above this line)
+# Setup: from here on the script runs. The tests load the definitions above by running this file up
+# to its call of prepare.parse_command_line: keep that call first.
 
 t_start = time.time()
 prepare.parse_command_line(__doc__)  # --help, unknown arguments, AUTORESEARCH_* values, Ctrl-C: before anything runs
@@ -682,12 +701,13 @@ if device.type != "cuda":  # small-machine settings: the GPU ones would take hou
     DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13
 tokens_per_micro = DEVICE_BATCH_SIZE * SEQ_LEN
 if TOTAL_BATCH_SIZE % tokens_per_micro:
-    sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE x SEQ_LEN = {tokens_per_micro}")
+    sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE x SEQ_LEN "
+             f"= {tokens_per_micro}")
 grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
-prepare.check_ready(tokenizer, DEVICE_BATCH_SIZE, device)  # what evaluation needs, checked now: a problem costs seconds, not a run
+prepare.check_ready(tokenizer, DEVICE_BATCH_SIZE, device)  # what evaluation needs: a problem costs seconds, not a run
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(
@@ -708,9 +728,9 @@ if device.type == "cuda":  # embedding tables in bf16, like the activations that
     model.value_embeds.to(torch.bfloat16)
 ran = set()  # the fused kernels the model really calls, for the header: one short forward shows them
 if config.fused_mlp or config.fused_loss:
-    probe = torch.zeros((3, 100), dtype=torch.long, device=device)  # the check's token count: its kernels are compiled already
+    tokens = torch.zeros((3, 100), dtype=torch.long, device=device)  # the check's shape: its kernels are compiled
     with torch.no_grad(), prepare.autocast(device):
-        ran = prepare.ops_called(lambda: model(probe, probe))
+        ran = prepare.ops_called(lambda: model(tokens, tokens))
 num_params = sum(p.numel() for p in model.parameters())
 flops_per_token = model.num_flops_per_token()
 use_compile = device.type == "cuda"
@@ -722,8 +742,10 @@ gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.ty
 
 print(f"device: {gpu} | attention: {attention_name} | mlp: {kernel_status(MLP_OP, mlp_note, ran)} | "
       f"loss: {kernel_status(LOSS_OP, loss_note, ran)} | compile: {use_compile}")
-print(f"model: {DEPTH} layers, width {model_dim}, {config.n_head} heads, {num_params / 1e6:.1f}M params, {flops_per_token / 1e6:.0f} MFLOP/token")
-print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} | time budget: {TIME_BUDGET}s")
+print(f"model: {DEPTH} layers, width {model_dim}, {config.n_head} heads, {num_params / 1e6:.1f}M params, "
+      f"{flops_per_token / 1e6:.0f} MFLOP/token")
+print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} | "
+      f"time budget: {TIME_BUDGET}s")
 for note in notes:
     print(f"NOTE: {note}")
 
@@ -774,7 +796,7 @@ while True:
         loss, x, y, epoch = train_step(train_loader, x, y)
     except torch.OutOfMemoryError:
         if step > 0 or DEVICE_BATCH_SIZE == 1:
-            raise SystemExit(f"FAIL: out of memory at DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE}: make the model or batch smaller")
+            sys.exit(f"FAIL: out of memory at DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE}: make the model or batch smaller")
         loss = None
     if loss is None:  # out of memory in the first step (handled here, once the exception has let go of its tensors)
         model.zero_grad(set_to_none=True)
@@ -785,7 +807,8 @@ while True:
             torch.cuda.reset_peak_memory_stats()  # peak_vram_mb should describe the run that happened
         DEVICE_BATCH_SIZE //= 2
         grad_accum *= 2
-        print(f"out of memory in the first step: retrying with DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} ({grad_accum} micro-steps)")
+        print(f"out of memory in the first step: retrying with DEVICE_BATCH_SIZE={DEVICE_BATCH_SIZE} "
+              f"({grad_accum} micro-steps)")
         train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, SEQ_LEN, "train")
         x, y, epoch = next(train_loader)
         continue
@@ -828,9 +851,11 @@ if interactive:
 model.eval()
 t_eval = time.time()
 val_bpb = evaluate_bpb(run_model, tokenizer, DEVICE_BATCH_SIZE)
-print(f"time outside training: start-up {startup_seconds:.1f}s, step 0 {first_step_seconds:.1f}s, evaluation {time.time() - t_eval:.1f}s")
+print(f"time outside training: start-up {startup_seconds:.1f}s, step 0 {first_step_seconds:.1f}s, "
+      f"evaluation {time.time() - t_eval:.1f}s")
 timed_steps = max(step - untimed_steps, 0)
-mfu_percent = f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}" if peak and training_time > 0 else "n/a"
+timed_flops = flops_per_token * TOTAL_BATCH_SIZE * timed_steps
+mfu_percent = f"{100 * timed_flops / training_time / peak:.2f}" if peak and training_time > 0 else "n/a"
 print("---")
 print(f"{'val_bpb:':<18}{val_bpb:.6f}")
 print(f"{'training_seconds:':<18}{training_time:.1f}")

@@ -8,13 +8,16 @@ and gradients are from float64 (on 16 x 2048 tokens). Needs a CUDA GPU.
     uv run benchmarks/bench_loss.py
 """
 
+import os
+import sys
 
 import torch
 
-from same_math import load_train_definitions  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from train_source import load_definitions  # noqa: E402
 from timing import cuda_ms  # noqa: E402
 
-tr = load_train_definitions()
+tr = load_definitions()
 N, C, V = 64 * 2048, 512, 8192
 
 g = torch.Generator(device="cuda").manual_seed(0)

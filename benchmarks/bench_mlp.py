@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from same_math import load_train_definitions  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from train_source import load_definitions  # noqa: E402
 from timing import cuda_ms  # noqa: E402
 
 B, T, C, H = 64, 2048, 512, 2048
@@ -44,7 +45,7 @@ def kernels_alone(tr):
 paths = sys.argv[1:] or [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")]
 print(f"{'MLP':<24} {'fwd+bwd ms':>10} {'kept MB':>8}  relative error against float64: out, dx, dw_fc, dw_proj")
 for path in paths:
-    tr = load_train_definitions(os.path.abspath(path))
+    tr = load_definitions(os.path.abspath(path))
     leaves = [t.double().requires_grad_() for t in (x, w_fc, w_proj)]
     out = tr.mlp(*leaves)
     reference = [out, *torch.autograd.grad(out, leaves, dout.double())]

@@ -7,12 +7,16 @@ memory-speed yardstick. Needs a CUDA GPU.
     TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 uv run benchmarks/bench_rotary.py
 """
 
+import os
+import sys
 import time
 
 import torch
-from same_math import load_train_definitions
 
-tr = load_train_definitions()  # train.py's apply_rotary and norm
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from train_source import load_definitions  # noqa: E402
+
+tr = load_definitions()  # train.py's apply_rotary and norm
 
 B, T, H, D = 64, 2048, 4, 128
 d = D // 2

@@ -8,12 +8,15 @@ machinery. Run it twice to see first-run and cached figures. Needs a Hopper or B
     uv run benchmarks/bench_startup.py
 """
 
+import os
+import sys
 import time
 
 T0 = time.time()
 import torch  # noqa: E402
 
-from same_math import load_train_definitions, prepare, train_config  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from train_source import load_definitions, prepare, train_config  # noqa: E402
 
 
 def mark(label, t):
@@ -42,7 +45,7 @@ t = time.time()
 name, _ = prepare.select_attention(device, 2048, 128)
 mark(f"select_attention (again) -> {name}", t)
 t = time.time()
-tr = load_train_definitions()
+tr = load_definitions()
 notes = tr.check_fused_kernels(device, train_config(tr, 2048, 8192))  # compiles the kernels on a first run, loads them after
 mark(f"check_fused_kernels -> {notes}", t)
 t = time.time()

@@ -7,32 +7,17 @@ is for the GPU.
     uv run benchmarks/check_attention.py [fa4 flex sdpa]
 """
 
-import math
 import os
 import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import prepare  # noqa: E402
-
-
-def expand_heads(kv, n_head):  # each key/value head repeated for the query heads that share it
-    return kv.repeat_interleave(n_head // kv.size(2), dim=2)
-
-
-def band_scores(q, k, window):
-    """Attention scores in float64, -inf outside the band j <= i, i - j <= window."""
-    T, D = q.size(1), q.size(-1)
-    i = torch.arange(T, device=q.device)[:, None]
-    j = torch.arange(T, device=q.device)[None, :]
-    scores = torch.einsum("bthd,bshd->bhts", q.double(), expand_heads(k, q.size(2)).double()) / math.sqrt(D)
-    return scores.masked_fill(~((j <= i) & (i - j <= window)), float("-inf"))
-
-
-def reference_attention(q, k, v, window):
-    return torch.einsum("bhts,bshd->bthd", band_scores(q, k, window).softmax(-1), expand_heads(v, q.size(2)).double())
+from attention_reference import reference_attention  # noqa: E402
 
 
 def main():

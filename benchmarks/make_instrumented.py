@@ -8,21 +8,28 @@ Prints: start-up marks ([startup]), Dynamo's compile-time table after step 0, pe
 step 14's forward+backward and optimizer ([mem]), the inference compile and forward time before
 evaluation ([eval]). Environment: DBS=<n> overrides DEVICE_BATCH_SIZE; PROF=1 also writes a
 torch-profiler table and chrome trace of steps 15-17 (read the trace with gpu_gaps.py) and a CUDA
-memory snapshot of step 14 to $OUT (TAG is added to their names). The edits are exact string
-replacements: if train.py changed, it fails loudly (tests/test_benchmarks.py checks they apply).
+memory snapshot of step 14 to $OUT (TAG is added to their names). The edits replace lines of code, matched
+with comments ignored (tests/train_source.py): if the code changed, this fails loudly
+(tests/test_benchmarks.py checks they apply).
 """
 
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from train_source import edit_code  # noqa: E402
+
 SRC = sys.argv[1] if len(sys.argv) > 1 else "train.py"
 DST = sys.argv[2] if len(sys.argv) > 2 else "train_instrumented.py"
 src = open(os.path.join(ROOT, SRC)).read()
-def rep(old, new, count=1):
+
+
+def rep(old, new):
     global src
-    assert src.count(old) == count, (old, src.count(old))
-    src = src.replace(old, new)
+    src = edit_code(src, old, new)
+
+
 rep("t_start = time.time()\n", "t_start = time.time()\nimport os\nDEVICE_BATCH_SIZE = int(os.environ.get('DBS', DEVICE_BATCH_SIZE))\nTAG = os.environ.get('TAG', '')\nPROF = os.environ.get('PROF') == '1'\nOUT = os.environ.get('OUT', '.')\ndef _mark(name):\n    print(f'[startup] {name} {time.time() - t_start:.2f}s', flush=True)\n")
 rep("device = prepare.get_device()\n", "device = prepare.get_device()\ntorch.zeros(1, device=device); _mark('cuda init')\n")
 rep("tokenizer = Tokenizer.from_directory()\n", "tokenizer = Tokenizer.from_directory()\n_mark('tokenizer')\n")
@@ -45,7 +52,7 @@ rep("    try:\n        loss, x, y, epoch = train_step(train_loader, x, y)\n",
         if step == 14:
             torch.cuda.synchronize(); print(f'[mem] before step {m0/2**30:.2f} GiB, peak fwd+bwd {torch.cuda.max_memory_allocated()/2**30:.2f} GiB, after bwd {torch.cuda.memory_allocated()/2**30:.2f} GiB')
 """)
-rep("    optimizer.step()\n    model.zero_grad(set_to_none=True)\n    train_loss = loss.item()  # waits for the GPU\n",
+rep("    optimizer.step()\n    model.zero_grad(set_to_none=True)\n    train_loss = loss.item()\n",
 """    optimizer.step()
     model.zero_grad(set_to_none=True)
     train_loss = loss.item()  # waits for the GPU

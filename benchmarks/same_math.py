@@ -15,65 +15,11 @@ Needs `uv run prepare.py` (tokenizer, shards).
 import argparse
 import os
 import sys
-import types
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import prepare  # noqa: E402
-
-
-_LOADED = []
-
-
-def load_train_definitions(path=os.path.join(ROOT, "train.py")):
-    """train.py is a flat script; its definitions are everything above the Setup section."""
-    source = open(path).read()
-    head = source.split("\n# Setup")[0]
-    assert len(head) < len(source), "train.py lost its '# Setup' section marker"
-    module = types.ModuleType("train_definitions")
-    module.__file__ = path
-    sys.modules[module.__name__] = module  # torch.compile looks classes up by their module's name
-    exec(compile(head, path, "exec"), module.__dict__)
-    # Each load registers train.py's custom ops again under the same names (the latest wins), and a
-    # collected module would take its registration with it, pulling the ops from under the others.
-    _LOADED.append(module)
-    return module
-
-
-def train_config(tr, seq_len, vocab_size, fused=()):
-    """train.py's GPTConfig from its hyperparameters, as its Setup section builds it; fused names the
-    fused kernels to use ('mlp', 'loss')."""
-    dim = -(-tr.DEPTH * tr.ASPECT_RATIO // tr.HEAD_DIM) * tr.HEAD_DIM
-    return tr.GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=tr.DEPTH, n_head=dim // tr.HEAD_DIM,
-                        n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN,
-                        fused_mlp="mlp" in fused, fused_loss="loss" in fused)
-
-
-def training_losses(attention, batches, config, device, compile, path=os.path.join(ROOT, "train.py")):
-    """Per-step losses of train.py's GPT and MuonAdamW (constant learning rates) on the given
-    batches, with `attention` as the model's attention and the fused kernels that config names.
-    Same seed every call."""
-    tr = load_train_definitions(path)  # a fresh copy: its own globals and compiled code
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tr.GPT(config, attention)
-    model.init_weights()
-    if device.type == "cuda":  # as train.py does
-        model.transformer.wte.to(torch.bfloat16)
-        model.value_embeds.to(torch.bfloat16)
-    optimizer = tr.build_optimizer(model, compile_math=compile)
-    run_model = torch.compile(model, dynamic=False) if compile else model
-    losses = []
-    for x, y in batches:
-        with prepare.autocast(device):
-            loss = run_model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+from train_source import load_definitions, train_config, training_losses  # noqa: E402
 
 
 def main():
@@ -85,7 +31,7 @@ def main():
     device = prepare.get_device()
     seq_len, _, _ = prepare.run_settings(device)
     tokenizer = prepare.Tokenizer.from_directory()
-    tr = load_train_definitions()
+    tr = load_definitions()
     loader = prepare.make_dataloader(tokenizer, args.batch, seq_len, "train")
     batches = [next(loader)[:2] for _ in range(args.steps)]
     runs = {}

@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from same_math import ROOT, load_train_definitions, prepare, train_config  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from train_source import ROOT, load_definitions, prepare, train_config  # noqa: E402
 
 
 def _never_called(*args):
@@ -37,7 +37,7 @@ def saved_activations(config, batch, budget=1.0, train_path=os.path.join(ROOT, "
     from torch._inductor.decomposition import select_decomp_table
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    tr = load_train_definitions(train_path)
+    tr = load_definitions(train_path)
     attention = prepare.flash_attention_op("meta_trace", _never_called, _never_called)
     graphs = {}
 
@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--batch", type=int, help="sequences per micro-step (default: train.py's DEVICE_BATCH_SIZE)")
     parser.add_argument("--budget", type=float, default=1.0, help="activation_memory_budget, 0 to 1")
     args = parser.parse_args()
-    tr = load_train_definitions()
+    tr = load_definitions()
     config = train_config(tr, prepare.MAX_SEQ_LEN, prepare.VOCAB_SIZE, fused=("mlp", "loss"))
     batch = args.batch or tr.DEVICE_BATCH_SIZE
     saved, backward = saved_activations(config, batch, args.budget)

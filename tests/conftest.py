@@ -1,8 +1,7 @@
 """Shared fixtures: small synthetic climbmix-format shards, a tokenizer trained on them, the
-real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA), reference
-flash-attention kernels, and Triton's interpreter on machines without a GPU."""
+real-text sample shards when the machine has them (AUTORESEARCH_SAMPLE_DATA), shrunk copies of
+train.py, and Triton's interpreter on machines without a GPU."""
 
-import math
 import os
 import random
 import shutil
@@ -15,11 +14,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # tests use the benchmarks' helpers, never the other way round
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prepare  # noqa: E402
-from check_attention import band_scores, expand_heads  # noqa: E402  (the float64 attention reference)
+from train_source import edit_code  # noqa: E402
 
 # Without a GPU, Triton's CPU interpreter runs the fused MLP and loss kernels. It has to be switched on before
 # triton is first imported (its standard library is compiled at import), so here, not in a fixture.
@@ -82,19 +80,19 @@ def tiny_cache(tmp_path_factory):
     return root
 
 
-SMALL_MACHINE_LINE = "DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13"  # in train.py's Setup
+SMALL_MACHINE_LINE = "    DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 8, 2**13\n"  # in train.py's Setup
 SMALL_SEQ_TOKENS = 2 * prepare.SMALL_SEQ_LEN  # the tiny copies' tokens per step: two sequences
 
 
 def train_copy(folder, device_batch=2, edits=(), tail=""):
     """train.py in folder, beside a copy of prepare.py (which it imports): its small-machine line
     shrunk to one layer and two sequences a step, in micro-batches of device_batch rows; each (old,
-    new) of edits replaces text that must occur once; tail is appended after the summary."""
+    new) of edits is train_source.edit_code's (lines of code, comments ignored); tail is appended
+    after the summary."""
     source = open(os.path.join(ROOT, "train.py")).read()
-    tiny = f"DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, {device_batch}, {SMALL_SEQ_TOKENS}"
+    tiny = f"    DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 1, {device_batch}, {SMALL_SEQ_TOKENS}\n"
     for old, new in [(SMALL_MACHINE_LINE, tiny), *edits]:
-        assert source.count(old) == 1, f"train.py changed: {old!r} should occur once; update this test's edit"
-        source = source.replace(old, new)
+        source = edit_code(source, old, new)
     os.makedirs(folder, exist_ok=True)
     shutil.copy(os.path.join(ROOT, "prepare.py"), folder)
     path = os.path.join(folder, "train.py")
@@ -112,30 +110,3 @@ def use_cache(tiny_cache, monkeypatch):
     monkeypatch.setattr(prepare, "TOKENS_DIR", str(tiny_cache / "tokens"))
     return tiny_cache
 
-
-# ---------------------------------------------------------------------------
-# Flash-attention kernels written out in float64 math, standing in for flash-attn-4's CUDA ones on
-# this GPU-less machine. Same contract: out and lse (B, H, T) forward; dq, dk, dv from lse backward.
-# k and v may have fewer heads than q (grouped-query attention): query head h reads key/value head
-# h // (H / H_kv), as torch's enable_gqa and flash-attn group them.
-
-
-def flash_forward(q, k, v, window):
-    scores = band_scores(q, k, window)
-    lse = scores.logsumexp(-1)
-    out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), expand_heads(v, q.size(2)).double())
-    return out.to(q.dtype), lse.float()
-
-
-def flash_backward(q, k, v, out, dout, lse, window):
-    B, T, H, D = q.shape
-    p = (band_scores(q, k, window) - lse.double()[..., None]).exp()  # probabilities, rebuilt from lse
-    dout, out = dout.double(), out.double()
-    dv = torch.einsum("bhts,bthd->bshd", p, dout)
-    dp = torch.einsum("bthd,bshd->bhts", dout, expand_heads(v, H).double())
-    delta = (dout * out).sum(-1).transpose(1, 2)[..., None]  # rowsum(dO * O), per head and query
-    ds = p * (dp - delta) / math.sqrt(D)
-    dq = torch.einsum("bhts,bshd->bthd", ds, expand_heads(k, H).double())
-    dk = torch.einsum("bhts,bthd->bshd", ds, q.double())
-    group = (B, T, k.size(2), H // k.size(2), D)  # the query heads of a group add up on their key/value head
-    return dq.to(q.dtype), dk.view(group).sum(3).to(k.dtype), dv.view(group).sum(3).to(v.dtype)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import prepare
-from check_attention import reference_attention
-from conftest import flash_backward, flash_forward
+from attention_reference import flash_backward, flash_forward, reference_attention
 
 # (query heads, key/value heads): multi-head, grouped-query, one key/value head
 HEADS = [(3, 3), (4, 2), (4, 1)]
@@ -94,11 +93,13 @@ def test_select_attention_on_cpu_is_sdpa(monkeypatch, capsys):
     assert name == "sdpa" and capsys.readouterr().out == ""
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa4")  # asked for, but impossible here: said, then SDPA
     name, fn = prepare.select_attention(torch.device("cpu"), 64)
-    assert name == "sdpa" and "attention: fa4 unavailable (flash-attn-4 needs a Hopper or Blackwell" in capsys.readouterr().out
+    assert name == "sdpa"
+    assert "attention: fa4 unavailable (flash-attn-4 needs a Hopper or Blackwell" in capsys.readouterr().out
     # FlexAttention's forward runs on a CPU but its backward does not: the gradient check catches it
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "flex")
     name, fn = prepare.select_attention(torch.device("cpu"), 64, head_dim=32, n_head=4, n_kv_head=2)
-    assert name == "sdpa" and "attention: flex unavailable (FlexAttention does not support backward on CPU" in capsys.readouterr().out
+    assert name == "sdpa"
+    assert "attention: flex unavailable (FlexAttention does not support backward on CPU" in capsys.readouterr().out
 
 
 def test_relative_error_takes_the_worst_pair_and_fails_on_nan():
@@ -107,7 +108,8 @@ def test_relative_error_takes_the_worst_pair_and_fails_on_nan():
     assert prepare.relative_error([ref[0] * 1.01, ref[1] * 1.03], ref) == pytest.approx(0.03, rel=1e-5)
     err = prepare.relative_error([ref[0] * float("nan"), ref[1]], ref)
     assert not err < 1  # NaN: never within any tolerance
-    assert prepare.one_line(RuntimeError("first line\nmore")) == "first line" and prepare.one_line(MemoryError()) == "MemoryError"
+    assert prepare.one_line(RuntimeError("first line\nmore")) == "first line"
+    assert prepare.one_line(MemoryError()) == "MemoryError"
 
 
 def test_ops_called_names_what_ran():

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import gpu_gaps  # noqa: E402
 import saved_activations  # noqa: E402
+from train_source import edit_code, load_definitions  # noqa: E402
 
 
 def kernel(name, ts, dur, corr):
@@ -40,8 +41,10 @@ def test_gpu_gaps_counts_overlaps_once_and_names_the_launching_op():
     assert [(g[0], g[1], g[2]) for g in gaps] == [(250, "b", "c"), (10, "c", "d")]
     assert gaps[0][3] == ["outer", "inner"]  # running when c was launched, outermost first
     assert gaps[1][3] == []  # d's launch was not recorded
-    events += [kernel("a", 600, 30, 5), {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 700, "dur": 7, "args": {}}]
-    assert gpu_gaps.by_name({"traceEvents": events}) == [("a", 130, 2), ("b", 100, 1), ("c", 50, 1), ("d", 40, 1), ("Memset", 7, 1)]
+    events += [kernel("a", 600, 30, 5), {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 700, "dur": 7,
+                                         "args": {}}]
+    expected = [("a", 130, 2), ("b", 100, 1), ("c", 50, 1), ("d", 40, 1), ("Memset", 7, 1)]
+    assert gpu_gaps.by_name({"traceEvents": events}) == expected
 
 
 def test_gpu_gaps_refuses_a_trace_without_kernels():
@@ -65,12 +68,15 @@ def undefined_globals(source, filename):
 
 
 def test_make_instrumented_still_applies_to_train_py(tmp_path):
-    """Its edits are exact string replacements on train.py: a change to train.py that moves one of
-    them must fail here, not on the GPU box."""
+    """Its edits replace lines of train.py's code: a change to train.py that moves one of them must
+    fail here, not on the GPU box."""
     out = tmp_path / "train_instrumented.py"
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_instrumented.py"), "train.py", str(out)], check=True, cwd=ROOT)
+    tool = os.path.join(ROOT, "benchmarks", "make_instrumented.py")
+    subprocess.run([sys.executable, tool, "train.py", str(out)], check=True, cwd=ROOT)
     source = out.read_text()
-    for mark in ("[startup] {name}", "[mem] peak incl optimizer", "[prof] steps 15-17", "export_chrome_trace", "[eval] first forward"):
+    marks = ("[startup] {name}", "[mem] peak incl optimizer", "[prof] steps 15-17", "export_chrome_trace",
+             "[eval] first forward")
+    for mark in marks:
         assert mark in source
     assert undefined_globals(source, str(out)) == []
 
@@ -81,8 +87,9 @@ def test_undefined_globals_finds_a_missing_import():
 
 def tiny_config():
     """A two-layer model small enough to trace on the meta device in seconds."""
-    tr = saved_activations.load_train_definitions()
-    return tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128, fused_mlp=True, fused_loss=True)
+    tr = load_definitions()
+    return tr.GPTConfig(sequence_len=256, vocab_size=384, n_layer=2, n_head=1, n_kv_head=1, n_embd=128, fused_mlp=True,
+                        fused_loss=True)
 
 
 def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradient():
@@ -94,8 +101,9 @@ def test_compiled_step_keeps_one_hidden_activation_per_mlp_and_one_logit_gradien
     shapes = [shape for _, shape, _, _ in saved]
     assert shapes.count((tokens, 4 * 128)) == 2  # one per layer
     assert shapes.count((tokens, 384)) == 1
-    assert all(dtype == torch.bfloat16 or nbytes < tokens * 128 for _, _, dtype, nbytes in saved)  # no float32 activations
-    tr = saved_activations.load_train_definitions()
+    # no float32 activations
+    assert all(dtype == torch.bfloat16 or nbytes < tokens * 128 for _, _, dtype, nbytes in saved)
+    tr = load_definitions()
     mlp_backward = f"autoresearch.mlp_{tr.OPS_VERSION}_backward.default"
     assert backward[mlp_backward] == 2 and backward["autoresearch.meta_trace_bwd.default"] == 2
 
@@ -104,9 +112,8 @@ def test_norm_that_keeps_its_output_saves_three_activations_per_layer(tmp_path):
     """train.py's RMSNorm keeps its output (which the next matmul or attention keeps anyway), not
     its input: at least three fewer (tokens x width) activations per layer than F.rms_norm."""
     source = open(os.path.join(ROOT, "train.py")).read()
-    assert source.count("norm = RMSNorm.apply\n") == 1
     plain = tmp_path / "train_plain_norm.py"
-    plain.write_text(source.replace("norm = RMSNorm.apply\n", "norm = lambda x: torch.nn.functional.rms_norm(x, (x.size(-1),))\n"))
+    plain.write_text(edit_code(source, "norm = RMSNorm.apply\n", "norm = lambda x: F.rms_norm(x, (x.size(-1),))\n"))
     config = tiny_config()
     counts = []
     for path in (os.path.join(ROOT, "train.py"), str(plain)):

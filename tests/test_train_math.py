@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from same_math import load_train_definitions
+from train_source import load_definitions
 
 
 @pytest.fixture(scope="module")
 def tr():
-    return load_train_definitions()
+    return load_definitions()
 
 
 def tiny_model(tr, attention=None, seed=0, **config):
@@ -22,7 +22,8 @@ def tiny_model(tr, attention=None, seed=0, **config):
     model is built."""
     sizes = dict(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     torch.manual_seed(seed)
-    model = tr.GPT(tr.GPTConfig(**{**sizes, **config}), attention or prepare.make_attention("sdpa", torch.device("cpu"), 64))
+    attention = attention or prepare.make_attention("sdpa", torch.device("cpu"), 64)
+    model = tr.GPT(tr.GPTConfig(**{**sizes, **config}), attention)
     model.init_weights()
     return model
 
@@ -138,7 +139,8 @@ def test_muon_momentum_is_nesterov(tr):
     for direction, should_match in ((G + mu * (new_buf - G), True), (G, False), (new_buf, False)):
         # with zero decay, the update is the NorMuon-scaled Polar Express of the direction; give the
         # reference the state's buffers, with a momentum of 0 so it takes the direction as it is
-        expected = muon_step_f64(torch.zeros_like(P), direction, torch.zeros_like(buf), second, 1.0, 0.0, 0.95, 0.0)[0].neg()
+        start = torch.zeros_like(P), direction, torch.zeros_like(buf)
+        expected = muon_step_f64(*start, second, 1.0, 0.0, 0.95, 0.0)[0].neg()
         assert torch.allclose(update, expected, atol=1e-4) == should_match
 
 
@@ -158,7 +160,8 @@ def test_normuon_keeps_the_frobenius_norm_of_the_orthogonalized_update(tr):
         assert torch.allclose(second.double(), second_before + (1 - beta2) * (mean_sq - second_before), rtol=1e-4)
         # and the update is X scaled by rsqrt of it, then brought back to X's norm
         Y = X * second.double().rsqrt()
-        assert torch.allclose(update, Y * X.norm(dim=(-2, -1), keepdim=True) / Y.norm(dim=(-2, -1), keepdim=True), atol=1e-4)  # float32 weights: ~1e-5
+        rescaled = Y * X.norm(dim=(-2, -1), keepdim=True) / Y.norm(dim=(-2, -1), keepdim=True)
+        assert torch.allclose(update, rescaled, atol=1e-4)  # float32 weights: ~1e-5
 
 
 def test_cautious_weight_decay_only_where_update_and_weight_agree_in_sign(tr):
@@ -227,7 +230,8 @@ def test_optimizer_groups_follow_the_spec(tr):
     assert {id(p) for p in adamw} | {id(p) for p in blocks} == {id(p) for p in model.parameters()}
 
     copies = {id(p): p.detach().clone().requires_grad_() for p in adamw}
-    ref = torch.optim.AdamW([dict(params=[copies[id(p)] for p in params], lr=lr, betas=betas) for params, lr, betas in spec], eps=1e-10, weight_decay=0.0)
+    groups = [dict(params=[copies[id(p)] for p in params], lr=lr, betas=betas) for params, lr, betas in spec]
+    ref = torch.optim.AdamW(groups, eps=1e-10, weight_decay=0.0)
     gen = torch.Generator().manual_seed(5)
     tiny = {id(model.resid_lambdas), id(model.x0_lambdas)}  # gradients near 0, as theirs at init: there eps matters
     for _ in range(3):
@@ -275,7 +279,8 @@ def test_value_embeddings_enter_v_through_a_gate_of_twice_sigmoid(tr):
     W x[..., :32]) * value_embedding(idx), per head; other layers use c_v(x) alone."""
     for n_layer in (1, 2, 3, 4):
         calls, attn_inputs = [], []
-        model = tiny_model(tr, attention=recording(prepare.make_attention("sdpa", torch.device("cpu"), 64), calls), n_layer=n_layer)
+        attention = recording(prepare.make_attention("sdpa", torch.device("cpu"), 64), calls)
+        model = tiny_model(tr, attention=attention, n_layer=n_layer)
         with_ve = sorted(range(n_layer - 1, -1, -2))
         assert sorted(int(k) for k in model.value_embeds.keys()) == with_ve
         assert [b.attn.ve_gate is not None for b in model.transformer.h] == [i in with_ve for i in range(n_layer)]
@@ -334,11 +339,13 @@ def test_attention_windows_follow_the_pattern_with_a_full_last_layer(tr, pattern
     """S is half the context, L all of it, the pattern repeats over layers, and the last layer is
     always L; each layer's attention is called with its window."""
     calls = []
-    model = tiny_model(tr, attention=recording(prepare.make_attention("sdpa", torch.device("cpu"), 64), calls), n_layer=n_layer, window_pattern=pattern)
+    attention = recording(prepare.make_attention("sdpa", torch.device("cpu"), 64), calls)
+    model = tiny_model(tr, attention=attention, n_layer=n_layer, window_pattern=pattern)
     with torch.no_grad():
         model(torch.zeros(1, 64, dtype=torch.long))
     expected = [{"S": 32, "L": 64}[pattern[i % len(pattern)]] for i in range(n_layer)]
     expected[-1] = 64
     assert [window for *_, window in calls] == expected
     per_layer = 12 * 2 * 32 * sum(expected)  # FLOPs per token of attention, 12 x heads x head_dim x window
-    assert model.num_flops_per_token() - 6 * sum(p.numel() for p in model.transformer.h.parameters()) - 6 * 64 * 256 == per_layer
+    block_params = sum(p.numel() for p in model.transformer.h.parameters())
+    assert model.num_flops_per_token() - 6 * block_params - 6 * 64 * 256 == per_layer

@@ -27,10 +27,12 @@ TOKENS_PER_STEP = SMALL_SEQ_TOKENS
 
 def run(path, cache, budget, timeout=120):
     """Runs the copy on the CPU with a budget of `budget` seconds and an evaluation of one batch."""
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_EVAL_TOKENS=str(TOKENS_PER_STEP),
-               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # one thread: faster than oversubscribed shared cores
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_TIME_BUDGET=str(budget),
+               AUTORESEARCH_EVAL_TOKENS=str(TOKENS_PER_STEP), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")  # one thread: faster than oversubscribed shared cores
     t0 = time.time()
-    result = subprocess.run([sys.executable, path], cwd=os.path.dirname(path), env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, path], cwd=os.path.dirname(path), env=env, capture_output=True, text=True,
+                            timeout=timeout)
     result.wall_seconds = time.time() - t0
     return result
 
@@ -43,7 +45,8 @@ def summary(result):
 
 def status_lines(stdout):
     """(step, ms, mfu text) of each status line."""
-    return [(int(s), int(ms), mfu) for s, ms, mfu in re.findall(r"step (\d+) \(.*?\| (\d+) ms \|.*?\| mfu (\S+) \|", stdout)]
+    status = r"step (\d+) \(.*?\| (\d+) ms \|.*?\| mfu (\S+) \|"
+    return [(int(s), int(ms), mfu) for s, ms, mfu in re.findall(status, stdout)]
 
 
 def printed(stdout, tag):
@@ -64,7 +67,8 @@ SAVE_FIRST_GRADIENT_AND_PRINT_GROUPS = (
     "    if step == 0:  # test: the gradient of the first step\n"
     '        torch.save({n: p.grad for n, p in model.named_parameters()}, "first_gradient.pt")\n'
     "    optimizer.step()\n"
-    '    print("groups", (step, [(g["kind"], g["initial_lr"], g["lr"], g.get("momentum"), g["weight_decay"]) for g in optimizer.param_groups]))\n',
+    '    print("groups", (step, [(g["kind"], g["initial_lr"], g["lr"], g.get("momentum"), g["weight_decay"])\n'
+    '                            for g in optimizer.param_groups]))\n',
 )
 
 
@@ -90,7 +94,7 @@ def clocked(tiny_cache, tmp_path_factory):
         ("WARMDOWN_RATIO = 0.5\n", f"WARMDOWN_RATIO = {WARMDOWN}\n"),
         ("FINAL_LR_FRAC = 0.0\n", f"FINAL_LR_FRAC = {FINAL}\n"),
         ("peak = prepare.peak_flops(device)\n", f"peak = {FAKE_PEAK}\n"),
-        ("    dt = time.time() - t0\n", f"    dt = time.time() - t0\n    dt = {STEP_SECONDS}  # test: a made-up clock\n"),
+        ("    dt = time.time() - t0\n", f"    dt = {STEP_SECONDS}  # test: a made-up clock\n"),
         COUNT_TRAINING_FORWARDS,
         SAVE_FIRST_GRADIENT_AND_PRINT_GROUPS,
     ])
@@ -170,7 +174,8 @@ def test_training_seconds_add_up_the_timed_steps(timed):
     steps = status_lines(result.stdout)
     timed_ms = [ms for step, ms, _ in steps if step >= 1]
     training = float(values["training_seconds"])
-    assert training == pytest.approx(sum(timed_ms) / 1000, abs=0.05 + 0.0005 * len(timed_ms))  # printed to 0.1 s and 1 ms
+    # printed to 0.1 s and 1 ms
+    assert training == pytest.approx(sum(timed_ms) / 1000, abs=0.05 + 0.0005 * len(timed_ms))
     assert training >= 2.0 and (sum(timed_ms[:-1]) - 0.0005 * len(timed_ms)) / 1000 < 2.0
     assert training + steps[0][1] / 1000 < float(values["total_seconds"]) <= result.wall_seconds
     assert values["num_steps"] == str(len(steps)) and values["mfu_percent"] == "n/a"  # no peak FLOPs on a CPU
@@ -219,16 +224,18 @@ def test_out_of_memory_in_the_first_step_retries_at_half_the_batch(tiny_cache, t
 def test_out_of_memory_after_the_first_step_is_a_one_line_failure(tiny_cache, tmp_path):
     result = run(train_copy(tmp_path, device_batch=2, edits=[oom_after(1)]), tiny_cache, budget=1)
     assert result.returncode == 1 and "\n---\n" not in result.stdout
-    assert result.stderr.strip().splitlines() == ["FAIL: out of memory at DEVICE_BATCH_SIZE=2: make the model or batch smaller"]
+    failure = "FAIL: out of memory at DEVICE_BATCH_SIZE=2: make the model or batch smaller"
+    assert result.stderr.strip().splitlines() == [failure]
 
 
 # The loss check must stop a run at its first bad step. The budget is 10 s, so a run whose check is
 # gone ends normally (exit 0) in seconds and fails the test then, well inside the 60 s timeout. The
 # loss is made bad by an edit: the soft cap bounds the real one (below ~40 nats with 8192 tokens),
 # and a real divergence reaches NaN only through Muon's weight decay at a huge learning rate.
-@pytest.mark.parametrize("change, bad", [(" * float('nan')", "nan"), (" + 1000", "above 100")], ids=["nan", "above 100"])
+@pytest.mark.parametrize("change, bad", [(" * float('nan')", "nan"), (" + 1000", "above 100")],
+                         ids=["nan", "above 100"])
 def test_a_bad_loss_fails_at_once(tiny_cache, tmp_path, change, bad):
-    edit = ("            loss = run_model(x, y)\n", f"            loss = run_model(x, y){change}  # test: a {bad} loss\n")
+    edit = ("            loss = run_model(x, y)\n", f"            loss = run_model(x, y){change}  # test: {bad}\n")
     result = run(train_copy(tmp_path, device_batch=2, edits=[edit]), tiny_cache, budget=10, timeout=60)
     assert result.returncode == 1 and "\n---\n" not in result.stdout, result.stdout[-2000:]
     loss, step = re.search(r"\nFAIL: loss is (\S+) at step (\d+)\n", result.stdout).groups()
