@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import prepare
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -130,3 +132,25 @@ def test_every_result_file_is_cited_and_every_citation_exists():
     files = set(os.listdir(os.path.join(folder, "results")))
     cited = set(re.findall(r"\d{4}-\d{2}-\d{2}-[\w.-]+\.(?:log|txt)", text))
     assert sorted(files - cited) == [] and sorted(cited - files) == []
+
+
+def test_changed_model_copies_apply_and_load(tmp_path):
+    """bench_changed.py's copies of train.py: every edit applies once, and each copy's model builds
+    and runs a forward and backward (a tiny config; the edited hyperparameters as written)."""
+    import bench_changed
+
+    source = open(os.path.join(ROOT, "train.py")).read()
+    for name, edit in bench_changed.EDITS.items():
+        path = tmp_path / f"train_{name}.py"
+        path.write_text(edit(source))
+        tr = load_definitions(str(path))
+        expected = {"window_sl": ("WINDOW_PATTERN", "SL"), "width_768": ("ASPECT_RATIO", 96), "depth_10": ("DEPTH", 10)}
+        if name in expected:
+            assert getattr(tr, expected[name][0]) == expected[name][1]
+        n_kv_head = 1 if name == "one_kv_head" else 2
+        config = tr.GPTConfig(sequence_len=64, vocab_size=128, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=64)
+        model = tr.GPT(config, prepare.make_attention("sdpa", torch.device("cpu"), 64))
+        model.init_weights()
+        idx = torch.randint(0, 128, (2, 64))
+        model(idx, idx).backward()
+    assert "n_kv_head=1" in bench_changed.EDITS["one_kv_head"](source)
