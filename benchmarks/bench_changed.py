@@ -72,7 +72,8 @@ def main():
     for name in names:
         for i in range(len(args.scripts)):
             label = f"version{i} {name}"
-            rows.append((label, run(copies[i, name], args.budget, os.path.join(args.logs, f"{label.replace(' ', '-')}.log"))))
+            log = os.path.join(args.logs, f"{label.replace(' ', '-')}.log")
+            rows.append((label, run(copies[i, name], args.budget, log)))
             print(f"{label}: {rows[-1][1]}", flush=True)
     print_table(rows)
 

@@ -38,7 +38,8 @@ def run(script, budget, log_path):
     steps = [(int(s), float(ms)) for s, ms in re.findall(r"^step (\d+) .*?\| (\d+) ms \|", text, re.M)]
     timed = [ms for s, ms in steps if s > 10] or [ms for s, ms in steps if s > 0]  # GPU: 11 untimed steps; CPU: 1
     batch = re.search(r"^batch: ([\d,]+) tokens", text, re.M)
-    phases = re.search(r"^time outside training: start-up ([\d.]+)s, step 0 ([\d.]+)s, evaluation ([\d.]+)s", text, re.M)
+    phases = r"^time outside training: start-up ([\d.]+)s, step 0 ([\d.]+)s, evaluation ([\d.]+)s"
+    phases = re.search(phases, text, re.M)
     if rc != 0 or "val_bpb" not in summary or not timed or not batch or not phases:
         return {"error": f"FAILED (exit {rc}), see {log_path}"}
     step_ms = statistics.median(timed)
@@ -54,7 +55,8 @@ def run(script, budget, log_path):
 def print_table(rows):
     print(f"\n{'variant':<34}" + "".join(f"{c:>10}" for c in COLUMNS))
     for name, figures in rows:
-        print(f"{name:<34}" + (figures["error"] if "error" in figures else "".join(f"{figures[c]:>10}" for c in COLUMNS)))
+        cells = figures["error"] if "error" in figures else "".join(f"{figures[c]:>10}" for c in COLUMNS)
+        print(f"{name:<34}{cells}")
 
 
 def main():
@@ -66,7 +68,8 @@ def main():
     rows = []
     for i, script in enumerate(map(os.path.abspath, args.scripts)):
         name = os.path.join(os.path.basename(os.path.dirname(script)), os.path.basename(script))  # folder/train.py
-        rows.append((name, run(script, args.budget, os.path.join(args.logs, f"bench-{i}-{name.replace(os.sep, '-')}.log"))))
+        log = os.path.join(args.logs, f"bench-{i}-{name.replace(os.sep, '-')}.log")
+        rows.append((name, run(script, args.budget, log)))
         print(f"{name}: {rows[-1][1]}", flush=True)
     print_table(rows)
 

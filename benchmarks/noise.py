@@ -41,13 +41,14 @@ def run(script, budget, seed_offset, log_path):
                             stdout=log, stderr=subprocess.STDOUT).returncode
     text = open(log_path).read().replace("\r", "\n")
     summary = dict(re.findall(r"^(\w+):\s+(\S+)$", text, re.M))
-    steps = {int(s): (float(loss), float(ms)) for s, loss, ms in re.findall(r"^step (\d+) .*?\| loss ([\d.]+) .*?\| (\d+) ms", text, re.M)}
+    status = r"^step (\d+) .*?\| loss ([\d.]+) .*?\| (\d+) ms"
+    steps = {int(s): (float(loss), float(ms)) for s, loss, ms in re.findall(status, text, re.M)}
     if rc != 0 or "val_bpb" not in summary:
         return None
     timed_ms = [ms for s, (_, ms) in steps.items() if s > 10]
     batch = int(re.search(r"^batch: ([\d,]+) tokens", text, re.M).group(1).replace(",", ""))
-    return dict(val_bpb=float(summary["val_bpb"]), steps=int(summary["num_steps"]), losses={s: v[0] for s, v in steps.items()},
-                tokens_per_s=batch / statistics.median(timed_ms) * 1e3 if timed_ms else float("nan"))
+    return dict(val_bpb=float(summary["val_bpb"]), steps=int(summary["num_steps"]),
+                losses={s: v[0] for s, v in steps.items()}, tokens_per_s=batch / statistics.median(timed_ms) * 1e3 if timed_ms else float("nan"))
 
 
 def main():
@@ -64,7 +65,8 @@ def main():
     print(f"{'run':<10}{'val_bpb':>10}{'steps':>7}{'tokens/s':>11}", flush=True)
     for i, (name, offset) in enumerate(plan):
         r = run(script, args.budget, offset, os.path.join(args.logs, f"noise-{i}-{name.replace(' ', '')}.log"))
-        print(f"{name:<10}" + (f"{r['val_bpb']:>10.6f}{r['steps']:>7}{r['tokens_per_s'] / 1e6:>10.3f}M" if r else "  FAILED"), flush=True)
+        figures = f"{r['val_bpb']:>10.6f}{r['steps']:>7}{r['tokens_per_s'] / 1e6:>10.3f}M" if r else "  FAILED"
+        print(f"{name:<10}{figures}", flush=True)
         if r:
             runs.append((name, r))
     same = [r for name, r in runs if name == "repeat"]
@@ -82,17 +84,19 @@ def main():
         slope = (first[hi] - first[lo]) / (hi - lo)  # nats per step of the smoothed training loss
         step_sd = statistics.stdev([r["steps"] for r in same])
         per_nat = same[0]["val_bpb"] / first[hi]  # val_bpb is the loss in nats over a constant (ln 2 x bytes a token)
-        print(f"step count: sd {step_sd:.2f} steps x loss slope {slope:.2e} nats/step = {abs(slope) * step_sd * per_nat:.6f} "
-              "val_bpb (first-order estimate)")
+        print(f"step count: sd {step_sd:.2f} steps x loss slope {slope:.2e} nats/step "
+              f"= {abs(slope) * step_sd * per_nat:.6f} val_bpb (first-order estimate)")
     # nondeterminism: the same step of the same seed
     for s in [10, 50, common - 1]:
         values = [r["losses"].get(s) for r in same]
         if None not in values:
-            print(f"nondeterminism: smoothed loss at step {s}: spread {max(values) - min(values):.4f} nats over {len(values)} runs")
+            spread = max(values) - min(values)
+            print(f"nondeterminism: smoothed loss at step {s}: spread {spread:.4f} nats over {len(values)} runs")
     others = [r["val_bpb"] for name, r in runs if name != "repeat"]
     if others:
         every = bpb[:1] + others  # one run per seed
-        print(f"seeds (n={len(every)}, one run each): val_bpb sd {statistics.stdev(every):.6f}" if len(every) > 1 else "")
+        if len(every) > 1:
+            print(f"seeds (n={len(every)}, one run each): val_bpb sd {statistics.stdev(every):.6f}")
         print(f"all runs (n={len(runs)}): val_bpb sd {statistics.stdev(bpb + others):.6f}")
 
 
