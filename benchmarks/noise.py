@@ -47,8 +47,9 @@ def run(script, budget, seed_offset, log_path):
         return None
     timed_ms = [ms for s, (_, ms) in steps.items() if s > 10]
     batch = int(re.search(r"^batch: ([\d,]+) tokens", text, re.M).group(1).replace(",", ""))
+    tokens_per_s = batch / statistics.median(timed_ms) * 1e3 if timed_ms else float("nan")
     return dict(val_bpb=float(summary["val_bpb"]), steps=int(summary["num_steps"]),
-                losses={s: v[0] for s, v in steps.items()}, tokens_per_s=batch / statistics.median(timed_ms) * 1e3 if timed_ms else float("nan"))
+                losses={s: v[0] for s, v in steps.items()}, tokens_per_s=tokens_per_s)
 
 
 def main():
