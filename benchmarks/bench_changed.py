@@ -69,10 +69,10 @@ def main():
             with open(copies[i, name], "w") as f:
                 f.write(EDITS[name](source))
     rows = []
-    for name in names:
+    for name in names:  # a name given twice runs twice: a second, warm run of the same copy
         for i in range(len(args.scripts)):
             label = f"version{i} {name}"
-            log = os.path.join(args.logs, f"{label.replace(' ', '-')}.log")
+            log = os.path.join(args.logs, f"{len(rows)}-{label.replace(' ', '-')}.log")
             rows.append((label, run(copies[i, name], args.budget, log)))
             print(f"{label}: {rows[-1][1]}", flush=True)
     print_table(rows)
