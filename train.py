@@ -316,7 +316,7 @@ def check_fused(fused, plain, args, leaves, grad_output, bf16=True):
             if not err < tolerance:
                 return f"fused kernel disagrees with the formula: max err {err:.1e} in {str(dtype)[6:]}"
     except Exception as e:
-        return f"fused kernel failed: {prepare.one_line(e)}"
+        return f"fused kernel failed: {prepare.first_line(e)}"
     finally:
         torch.set_float32_matmul_precision(precision)
     return ""

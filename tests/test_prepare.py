@@ -33,11 +33,11 @@ def test_training_text_order_and_caps(tmp_path):
 
 
 def test_training_text_names_a_row_that_is_not_text(tmp_path):
-    """A shard cached by an older version, before rows were checked: one line naming it and the row."""
+    """A shard put into the cache by hand, its rows never checked: one line naming it and the row."""
     folder = tmp_path / "data"
     folder.mkdir()
     write_shard(str(folder / "shard_00000.parquet"), ["a", "b", "c", None, "e"], row_group_size=2)
-    with pytest.raises(SystemExit, match=r"shard_00000\.parquet row 3 holds None, not text: delete it"):
+    with pytest.raises(prepare.NotReady, match=r"shard_00000\.parquet: row 3 holds None, not text: delete it"):
         list(prepare.tokenizer_training_text(prepare.list_shards("train", str(folder))))
 
 
@@ -84,16 +84,16 @@ def test_tokenizer_refuses_without_shards(tmp_path):
     data = tmp_path / "data"
     make_shards(str(data), n_train=1, docs_per_shard=50, val_docs=20)
     os.remove(data / prepare.shard_name(prepare.VAL_SHARD))
-    with pytest.raises(SystemExit, match="No validation shard"):
+    with pytest.raises(prepare.NotReady, match="No validation shard"):
         prepare.train_tokenizer(str(data), str(tmp_path / "tok"))
     make_shards(str(tmp_path / "d2"), n_train=0, val_docs=20)
-    with pytest.raises(SystemExit, match="No training shard"):
+    with pytest.raises(prepare.NotReady, match="No training shard"):
         prepare.train_tokenizer(str(tmp_path / "d2"), str(tmp_path / "tok"))
     assert not (tmp_path / "tok").exists()  # nothing half-written
 
 
 def test_missing_tokenizer_is_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(prepare.NotReady) as e:
         prepare.Tokenizer.from_directory(str(tmp_path / "nothing"))
     assert "run `uv run prepare.py` first" in str(e.value) and "\n" not in str(e.value)
 
@@ -157,10 +157,10 @@ def test_cached_and_uncached_tokens_are_identical(packing_data, use_cache):
 def test_no_training_data_is_a_clear_error_not_an_endless_loop(tmp_path, use_cache):
     tok = prepare.Tokenizer.from_directory()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="No training shard"):
+    with pytest.raises(prepare.NotReady, match="No training shard"):
         next(prepare.make_dataloader(tok, 2, 32, "train", data_dir=str(tmp_path / "empty")))
     write_shard(str(tmp_path / "empty" / "shard_00000.parquet"), [])
-    with pytest.raises(SystemExit, match="No documents in"):
+    with pytest.raises(prepare.NotReady, match="No documents in"):
         next(prepare.make_dataloader(tok, 2, 32, "train", data_dir=str(tmp_path / "empty")))
 
 
@@ -249,6 +249,7 @@ def test_a_long_evaluation_shows_progress(use_cache, monkeypatch, capsys):
 def test_peak_flops_table():
     assert prepare.peak_flops_of("NVIDIA H100 80GB HBM3") == 989.5e12
     assert prepare.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert prepare.peak_flops_of("NVIDIA GH200 480GB") == prepare.peak_flops_of("NVIDIA H200") == 989.5e12
     assert prepare.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert prepare.peak_flops_of("Some Future GPU") is None
     assert prepare.peak_flops(torch.device("cpu")) is None
