@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -747,12 +748,14 @@ def synchronize(device):  # waits for the work queued on a GPU (CUDA or MPS)
         getattr(torch, device.type).synchronize()
 
 def peak_memory_mb(device):
+    """MiB: the GPU's peak allocations; on the CPU the peak resident memory (results.tsv's 0.0 is a crash)."""
     import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 1024**2
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 1024**2
-    return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes; bytes on macOS
+    return peak / (1024**2 if sys.platform == "darwin" else 1024)
 
 def peak_flops(device):  # the GPU's dense bf16 peak, or None when the card is not in the table (MFU is then n/a)
     import torch

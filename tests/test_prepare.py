@@ -4,6 +4,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
-from conftest import make_shards, sample_data_dir, synthetic_documents, write_shard
+from conftest import ROOT, make_shards, sample_data_dir, synthetic_documents, write_shard
 from naive_packing import naive_batches
 
 # ---------------------------------------------------------------------------
@@ -253,6 +255,16 @@ def test_peak_flops_table():
     assert prepare.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert prepare.peak_flops_of("Some Future GPU") is None
     assert prepare.peak_flops(torch.device("cpu")) is None
+
+
+def test_peak_memory_on_the_cpu_is_the_process_peak():
+    """results.tsv reads a memory of 0.0 as a crash: a CPU run reports its peak resident memory. An array
+    larger than the peak so far, written through, sets a new one: at least its size, at most the two."""
+    code = ("import numpy, torch, prepare; cpu = torch.device('cpu'); before = prepare.peak_memory_mb(cpu); "
+            "array = numpy.ones(int(before + 256) * 2**17); print(before, prepare.peak_memory_mb(cpu))")  # MiB
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    before, after = map(float, result.stdout.split())
+    assert before > 50 and before + 256 <= after <= 2 * before + 300, (before, after)
 
 
 def test_run_settings_report_every_override(monkeypatch):
