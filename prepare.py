@@ -411,18 +411,23 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, data_dir=None):
 # ---------------------------------------------------------------------------
 # Metric: bits per byte on the validation shard, independent of the vocabulary size
 
-def eval_settings(device):  # (sequence length, evaluation tokens) in force on this device
+def eval_settings(device):  # (sequence length, evaluation tokens) in force on this device: at least one row of tokens
     seq_len, default = (MAX_SEQ_LEN, EVAL_TOKENS) if device.type == "cuda" else (SMALL_SEQ_LEN, SMALL_EVAL_TOKENS)
-    return seq_len, env_positive_int("AUTORESEARCH_EVAL_TOKENS", default)
+    eval_tokens = env_positive_int("AUTORESEARCH_EVAL_TOKENS", default)
+    if eval_tokens < seq_len:
+        raise NotReady(f"AUTORESEARCH_EVAL_TOKENS={eval_tokens} is less than one row of {seq_len} tokens: raise it")
+    return seq_len, eval_tokens
 
 def evaluate_bpb(model, tokenizer, batch_size, progress_after=10.0):
     """val_bpb = sum of per-token losses (nats) over targets that stand for bytes, divided by ln 2 times
-    the number of those bytes. Fixed data, fixed token count: deterministic. Past progress_after seconds
-    (a small machine, a first compile) it says where it is."""
+    the number of those bytes, over the first eval_tokens // seq_len rows of the validation loader: the
+    same rows whatever batch_size. The last batch is filled up with the rows that follow, their losses
+    left out, so that a compiled model sees one shape only. Past progress_after seconds it says where it is."""
     import torch
     device = next(model.parameters()).device
     seq_len, eval_tokens = eval_settings(device)
-    steps = eval_tokens // (batch_size * seq_len)
+    rows = eval_tokens // seq_len
+    steps = -(-rows // batch_size)
     token_bytes = get_token_bytes(device)
     loader = make_dataloader(tokenizer, batch_size, seq_len, "val")
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -431,8 +436,9 @@ def evaluate_bpb(model, tokenizer, batch_size, progress_after=10.0):
     with torch.no_grad(), autocast(device):
         for step in range(1, steps + 1):
             x, y, _ = next(loader)
-            loss = model(x, y, reduction="none").view(-1).double()
-            nbytes = token_bytes[y.reshape(-1)]
+            used = min(batch_size, rows - (step - 1) * batch_size)  # the batch's rows that are evaluated
+            loss = model(x, y, reduction="none").view(batch_size, -1)[:used].double()
+            nbytes = token_bytes[y[:used]]
             total_nats += (loss * (nbytes > 0)).sum()
             total_bytes += nbytes.sum()
             if time.time() - t0 > progress_after and (step == steps or 10 * step // steps > shown):
@@ -453,13 +459,10 @@ def check_shards(train_shards=None):
         raise NotReady(f"Damaged shard(s) in {DATA_DIR}: {damaged}: run `uv run prepare.py` to fetch them again.")
     return paths
 
-def check_ready(tokenizer, batch_size, device):
-    """What a run reads, checked before training so that a problem costs seconds, not a whole run: one
-    evaluation batch within the evaluation tokens, the shards' footers, the validation tokens (made now)."""
-    seq_len, eval_tokens = eval_settings(device)
-    if eval_tokens < batch_size * seq_len:
-        raise NotReady(f"EVAL_TOKENS={eval_tokens:,} is less than one evaluation batch of {batch_size} x {seq_len} tokens: "
-                       "raise AUTORESEARCH_EVAL_TOKENS or lower DEVICE_BATCH_SIZE")
+def check_ready(tokenizer, device):
+    """What a run reads, checked before training so that a problem costs seconds, not a whole run: the
+    evaluation size (any batch size can evaluate), the shards' footers, the validation tokens (made now)."""
+    eval_settings(device)
     val = check_shards(PRETOKENIZE_SHARDS)[-1]
     remove_stale_temps(os.path.join(TOKENS_DIR, tokenizer.fingerprint))
     load_tokenized(val, tokenizer) or tokenize_shard(val, tokenizer)

@@ -687,7 +687,7 @@ grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
-prepare.check_ready(tokenizer, DEVICE_BATCH_SIZE, device)  # what evaluation needs, checked now: a problem costs seconds, not a run
+prepare.check_ready(tokenizer, device)  # what evaluation needs, checked now: a problem costs seconds, not a run
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -217,11 +218,11 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
     B = 2
     T, eval_tokens = prepare.eval_settings(torch.device("cpu"))
     assert T == prepare.SMALL_SEQ_LEN and eval_tokens == 5000
-    steps = eval_tokens // (B * T)
+    rows = eval_tokens // T  # 9: four batches of two, and a fifth whose second row is left out
     # by hand: the same val rows from the naive reading, byte counts straight from the vocabulary
-    naive = naive_batches(tok, prepare.list_shards("val"), B, T, 1000)
-    targets = [t for _ in range(steps) for row in next(naive)[0] for t in row[1:]]
-    assert len(targets) == steps * B * T
+    naive = naive_batches(tok, prepare.list_shards("val"), 1, T, 1000)
+    targets = [t for _ in range(rows) for t in next(naive)[0][0][1:]]
+    assert len(targets) == rows * T
     nbytes = [len(tok.enc.decode_single_token_bytes(t)) if t < 8188 else 0 for t in targets]
     assert 0 in nbytes  # BOS targets are there and must be left out
     exact = sum((t % 7) / 4 for t, b in zip(targets, nbytes) if b > 0) / (math.log(2) * sum(nbytes))
@@ -230,6 +231,49 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
     got = prepare.evaluate_bpb(KnownLoss(8192), tok, B)
     assert got == pytest.approx(uniform, rel=1e-6)  # float32 cross-entropy of ln 8192
     assert prepare.evaluate_bpb(KnownLoss(8192), tok, B) == got  # deterministic
+
+
+class PairLoss(nn.Module):
+    """A small deterministic model: each token's loss is softplus(a[input] - b[target]), float64 weights
+    from a seeded generator. It records the shape of every batch it is called with."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (nn.Parameter(torch.rand(vocab, generator=g, dtype=torch.float64)) for _ in range(2))
+        self.shapes = []
+
+    def forward(self, x, y, reduction="mean"):
+        self.shapes.append(tuple(x.shape))
+        return F.softplus(self.a[x] - self.b[y]).reshape(-1)
+
+
+def test_evaluation_is_the_same_rows_whatever_the_batch_size(use_cache, monkeypatch):
+    """The CPU settings: 65,536 tokens = 128 rows of 512. Batches of 128, 48 (the last one 32 rows used)
+    and 7 (the last one 2 used), and 200 (one batch, 128 used) all evaluate exactly those rows, in full
+    batches only (a compiled model never sees another shape), and agree with a float64 sum over the same
+    rows computed here: the naive packing, numpy's softplus, byte counts straight from the vocabulary."""
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS", raising=False)
+    tok = prepare.Tokenizer.from_directory()
+    T, eval_tokens = prepare.eval_settings(torch.device("cpu"))
+    assert (T, eval_tokens) == (512, 65_536)
+    model = PairLoss(tok.get_vocab_size())
+    a, b = model.a.detach().numpy(), model.b.detach().numpy()
+    rows = next(naive_batches(tok, prepare.list_shards("val"), 128, T, 1000))[0]
+    nats, nbytes = [], 0
+    for row in rows:
+        for x, y in zip(row[:-1], row[1:]):
+            width = len(tok.enc.decode_single_token_bytes(y)) if y < 8188 else 0
+            if width:
+                nats.append(np.logaddexp(0.0, a[x] - b[y]))
+            nbytes += width
+    exact = math.fsum(nats) / (math.log(2) * nbytes)
+    for batch_size in (128, 48, 7, 200):
+        model.shapes.clear()
+        assert prepare.evaluate_bpb(model, tok, batch_size) == pytest.approx(exact, rel=1e-12), batch_size
+        assert model.shapes == [(batch_size, T)] * -(-128 // batch_size)
+    # the GPU settings: 20,971,520 tokens are 80 full batches of 128 rows of 2048, as before padding
+    assert prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN == 80 * 128
 
 
 def test_a_long_evaluation_shows_progress(use_cache, monkeypatch, capsys):
