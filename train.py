@@ -329,7 +329,7 @@ def check_fused(fused, plain, args, leaves, grad_output, bf16=True):
             if not err < tolerance:
                 return f"fused kernel disagrees with the formula: max err {err:.1e} in {str(dtype)[6:]}"
     except Exception as e:
-        return f"fused kernel failed: {prepare.one_line(e)}"
+        return f"fused kernel failed: {prepare.first_line(e)}"
     finally:
         torch.set_float32_matmul_precision(precision)
     return ""
@@ -707,7 +707,7 @@ grad_accum = TOTAL_BATCH_SIZE // tokens_per_micro
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 tokenizer = Tokenizer.from_directory()
-prepare.check_ready(tokenizer, DEVICE_BATCH_SIZE, device)  # what evaluation needs: a problem costs seconds, not a run
+prepare.check_ready(tokenizer, device)  # what evaluation needs, checked now: a problem costs seconds, not a run
 
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 config = GPTConfig(

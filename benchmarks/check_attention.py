@@ -35,7 +35,7 @@ def main():
                     out = fn(*leaves, window)
                     got = [out, *torch.autograd.grad(out, leaves, dout)]
                 except Exception as e:
-                    print(f"{case}: FAILED {prepare.one_line(e)}")
+                    print(f"{case}: FAILED {prepare.first_line(e)}")
                     continue
                 leaves = [t.double().requires_grad_() for t in (q, k, v)]
                 out = reference_attention(*leaves, window)

@@ -36,16 +36,16 @@ def triton_interpreter():
 
 
 def sample_data_dir():
-    """The real-text climbmix-format sample, if present: .ci/run points AUTORESEARCH_SAMPLE_DATA at it."""
-    path = os.environ.get("AUTORESEARCH_SAMPLE_DATA") or os.path.join(ROOT, "..", "shared", "data", "climbmix-sample")
-    return path if os.path.exists(os.path.join(path, prepare.shard_name(prepare.VAL_SHARD))) else None
+    """The real-text climbmix-format sample, where AUTORESEARCH_SAMPLE_DATA names its folder (.ci/run does)."""
+    path = os.environ.get("AUTORESEARCH_SAMPLE_DATA")
+    return path if path and os.path.exists(os.path.join(path, prepare.shard_name(prepare.VAL_SHARD))) else None
 
 
 def synthetic_documents(n_docs, seed):
     """Pseudo-English documents: a Zipf-ish vocabulary of made-up words, punctuation, digits and
     some non-ASCII, varied lengths (a few long ones, so rows need cropping)."""
     rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "tra", "ne", "sho", "vu", "pe", "ri", "dan", "el", "or", "qui", "zé", "ün", "st", "ph", "y"]
+    syllables = "ka lo mi tra ne sho vu pe ri dan el or qui zé ün st ph y".split()
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
     weights = [1.0 / (i + 1) for i in range(len(words))]
     docs = []
@@ -66,8 +66,10 @@ def write_shard(path, docs, row_group_size=100):
 def make_shards(folder, n_train=3, docs_per_shard=500, val_docs=300, seed=0, row_group_size=100):
     os.makedirs(folder, exist_ok=True)
     for i in range(n_train):
-        write_shard(os.path.join(folder, prepare.shard_name(i)), synthetic_documents(docs_per_shard, seed + i), row_group_size)
-    write_shard(os.path.join(folder, prepare.shard_name(prepare.VAL_SHARD)), synthetic_documents(val_docs, seed + 999), row_group_size)
+        write_shard(os.path.join(folder, prepare.shard_name(i)), synthetic_documents(docs_per_shard, seed + i),
+                    row_group_size)
+    val = os.path.join(folder, prepare.shard_name(prepare.VAL_SHARD))
+    write_shard(val, synthetic_documents(val_docs, seed + 999), row_group_size)
     return folder
 
 

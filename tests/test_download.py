@@ -1,12 +1,15 @@
 """Shard fetching against a real HTTP mirror on 127.0.0.1: retries, final 4xx, truncated bodies,
-an interrupted run resumed, damaged shards already in the cache, and the --source-dir copy.
+an interrupted run resumed, damaged shards already in the cache, the --source-dir copy, servers that
+trickle, and a cache shared with another host.
 
 The mirror is a ThreadingHTTPServer whose answer for each file is scripted by the test, and which
 counts the requests per file so a test can tell what was (not) downloaded again."""
 
 import collections
+import glob
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,7 +191,7 @@ def temp_files(data_dir):
 
 def assert_shard(data_dir, index, shard_bytes):
     path = shard_path(data_dir, index)
-    assert prepare.shard_is_valid(path), f"{path} is not a valid shard"
+    assert prepare.shard_problem(path) is None, f"{path} is not a valid shard"
     assert pq.ParquetFile(path).metadata.num_rows == SHARD_DOCS[index]
     with open(path, "rb") as f:
         assert f.read() == shard_bytes[index]
@@ -214,8 +217,15 @@ def cli_args(*extra, num_shards=3):
 
 
 def run_cli(cache, url, *extra, timeout=60, num_shards=3):
-    return subprocess.run(cli_args(*extra, num_shards=num_shards), env=cli_env(cache, url), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(cli_args(*extra, num_shards=num_shards), env=cli_env(cache, url), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def dead_pid():
+    """A pid that no process has now (a child's, reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +247,7 @@ def test_retries_back_off_exponentially(mirror, shard_bytes, tmp_path, monkeypat
     mirror.fail_then_serve(1, shard_bytes[1], failures=3)
     waits = []
     monkeypatch.setattr(prepare._STOP, "wait", waits.append)  # the back-off waits on Ctrl-C's event
-    assert prepare.fetch_shard(1, str(tmp_path), backoff=0.5, log=lambda _: None) is None
+    assert prepare.fetch_shard(1, str(tmp_path), attempts=4, backoff=0.5, log=lambda _: None) is None
     assert waits == [0.5, 1.0, 2.0]
 
 
@@ -273,15 +283,15 @@ def test_truncated_once_is_retried_and_never_saved_partial(mirror, shard_bytes, 
     assert temp_files(tmp_path) == []
 
 
-def test_always_truncated_fails_after_five_attempts(mirror, shard_bytes, tmp_path):
+def test_always_truncated_fails_after_every_attempt(mirror, shard_bytes, tmp_path):
     mirror.truncate(1, shard_bytes[1])
     final = shard_path(tmp_path, 1)
     seen = []
     log = lambda line: seen.append(os.path.exists(final))  # noqa: E731
     reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=log)
-    assert reason is not None and "after 5 attempts" in reason
-    assert mirror.count(1) == 5
-    assert seen == [False] * 4
+    assert reason is not None and f"after {prepare.DOWNLOAD_ATTEMPTS} attempts" in reason
+    assert mirror.count(1) == prepare.DOWNLOAD_ATTEMPTS == 3
+    assert seen == [False] * 2
     assert os.listdir(tmp_path) == []
 
 
@@ -296,15 +306,38 @@ def test_complete_body_that_is_not_parquet_is_rejected(mirror, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_stale_temps_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # reaped: its pid names no process now
-    names = [f".shard_00001.parquet.{dead.pid}.tmp", f".shard_00002.parquet.{os.getpid()}.tmp",
-             "shard_00003.parquet"]
-    for name in names:
+def test_stale_temps_of_dead_runs_are_removed_and_only_those(tmp_path):
+    """A temporary name says host~pid~random. This host's: kept while its process lives. Another host's
+    (a cache on NFS): its pid means nothing here, so kept until untouched for STALE_TEMP_SECONDS."""
+    dead, here, other = dead_pid(), prepare.THIS_HOST, "node7.cluster"
+    old = time.time() - prepare.STALE_TEMP_SECONDS - 60
+    names = {  # name: (age, kept)
+        f".shard_00001.parquet~{here}~{dead}~0a1b2c3d.tmp": (None, False),  # this host, process gone
+        f".shard_00002.parquet~{here}~{os.getpid()}~0a1b2c3d.tmp": (None, True),  # this host, alive
+        f".shard_00003.parquet~{other}~{dead}~0a1b2c3d.tmp": (None, True),  # another host's, in progress
+        f".shard_00004.parquet~{other}~{dead}~0a1b2c3d.tmp": (old, False),  # another host's, long dead
+        f".shard_00005.parquet~{here}~{os.getpid()}~0a1b2c3d.tmp": (old, False),  # its pid taken again since
+        ".shard_00006.parquet.12345.tmp": (old, True),  # not a temporary name of prepare.py's: never touched
+        "shard_00007.parquet": (old, True),
+    }
+    for name, (age, _) in names.items():
         (tmp_path / name).write_bytes(b"x")
-    prepare._remove_stale_temps(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])  # a live run's temp file is kept
+        if age:
+            os.utime(tmp_path / name, (age, age))
+    prepare.remove_stale_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(name for name, (_, kept) in names.items() if kept)
+
+
+def test_temporary_names_differ_between_hosts_and_runs(tmp_path):
+    """Two hosts may share a host name and a pid (containers, pid namespaces): the random part still
+    tells their files apart. Each run of prepare.py draws its own."""
+    code = "import prepare; print(prepare.temp_path('/cache/data/shard_00001.parquet'))"
+    names = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+             for _ in range(2)}
+    assert len(names) == 2
+    for name in names:
+        match = prepare.TEMP_NAME.fullmatch(os.path.basename(name))
+        assert match and match["host"] == prepare.THIS_HOST and name.startswith("/cache/data/.shard_00001.parquet~")
 
 
 # ---------------------------------------------------------------------------
@@ -319,13 +352,13 @@ def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, 
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cli_args("--download-workers", "1"), env=cli_env(tmp_path, mirror.url),
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    temp = data / f".{prepare.shard_name(2)}.{proc.pid}.tmp"
+    pattern = str(data / f".{prepare.shard_name(2)}~{prepare.THIS_HOST}~{proc.pid}~*.tmp")
     try:
         assert started.wait(30), "the first run never asked for shard 2"
         deadline = time.time() + 10
-        while not temp.exists() and time.time() < deadline and proc.poll() is None:
+        while not glob.glob(pattern) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        assert temp.exists(), "no temp file while shard 2 was downloading"
+        assert glob.glob(pattern), "no temp file while shard 2 was downloading"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()  # reaped, so the next run sees the pid as dead
@@ -342,10 +375,84 @@ def test_interrupted_run_resumes_without_downloading_again(mirror, shard_bytes, 
     assert r.returncode == 0, r.stdout + r.stderr
     for i in ALL:
         assert_shard(data, i, shard_bytes)
-    assert (mirror.count(0), mirror.count(1), mirror.count(prepare.VAL_SHARD)) == (0, 0, 0)  # completed in the first run
+    assert (mirror.count(0), mirror.count(1), mirror.count(prepare.VAL_SHARD)) == (0, 0, 0)  # done in the first run
     assert mirror.count(2) == 1
-    assert not temp.exists() and temp_files(data) == []
+    assert temp_files(data) == []  # the killed run's, among others
     assert "3/4 shards already" in r.stdout
+
+
+def test_a_run_here_keeps_another_hosts_download_in_progress(mirror, shard_bytes, tmp_path):
+    """A cache shared by several hosts (a home folder on NFS): another host's temporary file, still being
+    written, names a pid that no process here has. A run here keeps it; one left for hours is removed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in ALL:
+        mirror.serve(i, shard_bytes[i])
+    dead, old = dead_pid(), time.time() - prepare.STALE_TEMP_SECONDS - 60
+    in_progress = data / f".{prepare.shard_name(2)}~node7~{dead}~0a1b2c3d.tmp"
+    abandoned = data / f".{prepare.shard_name(1)}~node7~{dead}~4e5f6a7b.tmp"
+    for path in (in_progress, abandoned):
+        path.write_bytes(b"part of a shard")
+    os.utime(abandoned, (old, old))
+    r = run_cli(tmp_path, mirror.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert temp_files(data) == [in_progress.name]
+    for i in ALL:
+        assert_shard(data, i, shard_bytes)
+
+
+def pid_taken(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def unshare_works():
+    try:
+        return subprocess.run(["unshare", "--pid", "--uts", "--fork", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not unshare_works(),
+                    reason="unshare --pid --uts is not allowed here (it needs root or user namespaces)")
+def test_two_hosts_on_one_cache(mirror, shard_bytes, tmp_path, tiny_cache):
+    """Another host for real: prepare.py in pid and UTS namespaces of its own (host name nodeB, a pid
+    that no process has here) fetches into the same cache. While its download is under way, this host
+    removes stale temporary files, as its runs do first (its lock may not reach nodeB: flock on NFS).
+    nodeB's file stays, and nodeB finishes with every shard whole."""
+    shutil.copytree(tiny_cache / "tokenizer", tmp_path / "tokenizer")  # nodeB only fetches
+    for i in (0, 1, prepare.VAL_SHARD):
+        mirror.serve(i, shard_bytes[i])
+    started = mirror.slow(2, shard_bytes[2], chunk=8192, delay=0.05)
+    pid = next(p for p in range(300, 30000) if not any(pid_taken(q) for q in range(p - 3, p + 4)))
+    # in the new pid namespace: sh is 1, hostname 2, each /bin/true one more, then prepare.py
+    script = f'hostname nodeB && i=3; while [ $i -lt {pid} ]; do /bin/true; i=$((i+1)); done; "$0" "$@"'
+    command = ["unshare", "--pid", "--uts", "--fork", "sh", "-c", script, *cli_args("--download-workers", "1")]
+    proc = subprocess.Popen(command, env=cli_env(tmp_path, mirror.url), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert started.wait(30), "nodeB never asked for shard 2"
+        pattern = str(tmp_path / "data" / f".{prepare.shard_name(2)}~nodeB~*~*.tmp")
+        deadline = time.time() + 10
+        while not glob.glob(pattern) and time.time() < deadline:
+            time.sleep(0.01)
+        (temp,) = glob.glob(pattern)
+        assert not pid_taken(int(prepare.TEMP_NAME.fullmatch(os.path.basename(temp))["pid"]))
+        prepare.remove_stale_temps(str(tmp_path / "data"))
+        assert os.path.exists(temp), "nodeB's download in progress was removed"
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    for i in ALL:
+        assert_shard(tmp_path / "data", i, shard_bytes)
 
 
 def test_damaged_shards_in_cache_are_fetched_again(mirror, shard_bytes, tmp_path):
@@ -433,7 +540,7 @@ def test_ctrl_c_stops_at_once_and_starts_no_queued_download(mirror, shard_bytes,
     assert proc.returncode == 130
     assert err.strip() == "prepare.py: interrupted" and "Traceback" not in out
     assert mirror.count(2) == 0
-    assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]  # no temporary file
+    assert sorted(os.listdir(data)) == [prepare.shard_name(0), prepare.shard_name(prepare.VAL_SHARD)]  # no temp file
     assert not (tmp_path / "tokenizer").exists()
 
 
@@ -497,15 +604,95 @@ def test_a_shard_that_cannot_be_tokenized_is_never_kept(mirror, shard_bytes, tmp
     assert_shard(tmp_path, 1, shard_bytes)
 
 
-def test_a_trickling_server_is_given_up_at_the_deadline(mirror, shard_bytes, tmp_path, monkeypatch):
-    """Each read gets a few bytes in time, so only an overall deadline can end it."""
-    monkeypatch.setattr(prepare, "DOWNLOAD_SECONDS", 1)
-    mirror.slow(1, shard_bytes[1], chunk=64, delay=0.1)  # would take ~2 minutes
+@pytest.fixture
+def small_floor(monkeypatch):
+    """The progress floor scaled down, so that the tests take seconds: 8 KiB in each window of 0.4 s."""
+    monkeypatch.setattr(prepare, "PROGRESS_WINDOW_SECONDS", 0.4)
+    monkeypatch.setattr(prepare, "PROGRESS_FLOOR_BYTES", 2**13)
+
+
+def test_a_trickling_server_is_given_up_on_and_ends_the_run(mirror, shard_bytes, tmp_path, small_floor):
+    """Each read gets a few bytes in time, so only the floor can end it: each attempt is given up on
+    after a window, and after the last the run ends with one line and the ways out (the other shards,
+    from the same server, would trickle too)."""
+    mirror.slow(1, shard_bytes[1], chunk=64, delay=0.1)  # 640 bytes a second: minutes for the shard
     t0 = time.time()
-    reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
-    assert time.time() - t0 < 10
-    assert reason.startswith("not complete after 1s") and "HF_ENDPOINT" in reason
-    assert mirror.count(1) == 1 and os.listdir(tmp_path) == []  # not retried: it would trickle again
+    with pytest.raises(prepare.NotReady) as e:
+        prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert time.time() - t0 < 2 * prepare.DOWNLOAD_ATTEMPTS
+    assert str(e.value).startswith("prepare: downloads are too slow (127.0.0.1 sent less than 8,192 bytes in 0.4 s; "
+                                   "3 attempts): try again later. Ways out: copy shards")
+    assert mirror.count(1) == prepare.DOWNLOAD_ATTEMPTS and os.listdir(tmp_path) == []
+
+
+def test_a_server_that_goes_silent_is_given_up_on(mirror, shard_bytes, tmp_path, monkeypatch):
+    """Headers, then not one byte: each read waits READ_SECONDS at most, and the run ends as for a trickle."""
+    monkeypatch.setattr(prepare, "READ_SECONDS", 0.3)
+
+    def silent(h, n):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(shard_bytes[1])))
+        h.end_headers()
+        h.wfile.flush()
+        mirror.closing.wait(3)
+
+    mirror.routes[prepare.shard_name(1)] = silent
+    t0 = time.time()
+    with pytest.raises(prepare.NotReady, match=r"^prepare: downloads are too slow \(127\.0\.0\.1 sent nothing for 0"):
+        prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
+    assert time.time() - t0 < 3 and mirror.count(1) == prepare.DOWNLOAD_ATTEMPTS and os.listdir(tmp_path) == []
+
+
+def test_a_stalled_download_is_tried_again(mirror, shard_bytes, tmp_path, small_floor):
+    """The first answer trickles, the second comes whole: the shard arrives at the second attempt."""
+    def answer(h, n):
+        h.send_body(shard_bytes[1], chunk=64 if n == 1 else None, delay=0.1 if n == 1 else 0.0)
+
+    mirror.routes[prepare.shard_name(1)] = answer
+    logs = []
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=logs.append) is None
+    assert mirror.count(1) == 2 and len(logs) == 1 and "sent less than 8,192 bytes" in logs[0]
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_a_slow_but_steady_link_completes(mirror, shard_bytes, tmp_path, small_floor):
+    """Above the floor a download is never cut, however long it takes (here several windows)."""
+    mirror.slow(1, shard_bytes[1], chunk=8192, delay=0.05)  # ~160 KB/s, eight times the floor: ~1.5 s
+    t0 = time.time()
+    assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
+    assert time.time() - t0 > 3 * prepare.PROGRESS_WINDOW_SECONDS
+    assert mirror.count(1) == 1
+    assert_shard(tmp_path, 1, shard_bytes)
+
+
+def test_the_cli_ends_a_trickle_with_one_line(mirror, shard_bytes, tmp_path):
+    """prepare.py itself, its floor scaled down as above: every download stops (a queued one may just
+    have begun), and the run ends in one line, exit 1, with no temporary file left."""
+    for i in ALL:
+        mirror.slow(i, shard_bytes[i], chunk=64, delay=0.1)
+    code = ("import sys, prepare; prepare.PROGRESS_WINDOW_SECONDS, prepare.PROGRESS_FLOOR_BYTES = 0.4, 2**13; "
+            "prepare.BACKOFF_SECONDS = 0.01; sys.argv[1:] = ['--num-shards', '3', '--download-workers', '2']; "
+            "prepare.main()")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code], env=cli_env(tmp_path, mirror.url), cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert time.time() - t0 < 10 and r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+    assert r.stderr.startswith("prepare: downloads are too slow (127.0.0.1 sent less than 8,192 bytes in 0.4 s")
+    assert sorted(mirror.requests.values(), reverse=True) in ([3, 3], [3, 3, 1], [3, 3, 1, 1])  # two workers
+    assert temp_files(tmp_path / "data") == []
+
+
+def test_the_default_floor_ends_a_trickle_well_within_three_minutes():
+    """By the constants, not by waiting. A server that answers, then trickles, costs an attempt at most
+    its connection, one window and the read under way when the window closes; then come the back-offs.
+    Every download stops together (the shards are fetched in parallel): the run's bound is one shard's.
+    The floor is about 1 MB a minute: a link faster than that is never cut, however large the shard."""
+    attempt = prepare.CONNECT_SECONDS + prepare.PROGRESS_WINDOW_SECONDS + prepare.READ_SECONDS
+    backoffs = sum(prepare.BACKOFF_SECONDS * 2**i for i in range(prepare.DOWNLOAD_ATTEMPTS - 1))
+    assert prepare.DOWNLOAD_ATTEMPTS * attempt + backoffs == 156 < 180
+    assert prepare.PROGRESS_FLOOR_BYTES / prepare.PROGRESS_WINDOW_SECONDS * 60 == 2**20
+    assert prepare.STALE_TEMP_SECONDS > 10 * attempt  # another host's temporary file is never judged too early
 
 
 def test_redirects_stay_on_the_configured_host(mirror, shard_bytes, tmp_path):
@@ -526,10 +713,11 @@ def test_the_published_sha256_and_size_are_checked(mirror, shard_bytes, tmp_path
 
     mirror.routes["/blobs/1"] = lambda h, n: h.send_body(shard_bytes[1])
     right = hashlib.sha256(shard_bytes[1]).hexdigest()
-    for headers, problem in [([("X-Linked-Etag", f'"{"0" * 64}"')], "sha256 "), ([("X-Linked-Size", "123")], "truncated")]:
+    wrong = [([("X-Linked-Etag", f'"{"0" * 64}"')], "sha256 "), ([("X-Linked-Size", "123")], "truncated")]
+    for headers, problem in wrong:
         mirror.redirect(1, "/blobs/1", headers)
         reason = prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None)
-        assert reason.startswith(problem) and reason.endswith("(after 5 attempts)"), reason
+        assert reason.startswith(problem) and reason.endswith(f"(after {prepare.DOWNLOAD_ATTEMPTS} attempts)"), reason
         assert os.listdir(tmp_path) == []
     mirror.redirect(1, "/blobs/1", [("X-Linked-Etag", f'"{right}"'), ("X-Linked-Size", str(len(shard_bytes[1])))])
     assert prepare.fetch_shard(1, str(tmp_path), backoff=FAST, log=lambda _: None) is None
@@ -562,7 +750,7 @@ def test_a_name_lookup_that_hangs_is_cut_off(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "NAME_LOOKUP_SECONDS", 0.5)
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
     t0 = time.time()
-    with pytest.raises(SystemExit, match=r"^prepare: cannot reach mirror\.example \(its name did not resolve in 0\.5 s\)\. Ways out"):
+    with pytest.raises(prepare.NotReady, match=r"^prepare: cannot reach mirror\.example \(its name did not resolve in"):
         prepare.fetch_shards([0], str(tmp_path / "data"))
     assert time.time() - t0 < 5
 
@@ -573,5 +761,5 @@ def test_a_name_that_does_not_resolve_is_one_message_at_once(tmp_path, monkeypat
 
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
-    with pytest.raises(SystemExit, match=r"^prepare: cannot reach mirror\.example \(\[Errno -3\] Temporary failure in name resolution\)"):
+    with pytest.raises(prepare.NotReady, match=r"^prepare: cannot reach mirror\.example \(\[Errno -3\] Temporary"):
         prepare.fetch_shards([0], str(tmp_path / "data"))

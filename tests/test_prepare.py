@@ -4,14 +4,17 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
-from conftest import make_shards, sample_data_dir, synthetic_documents, write_shard
+from conftest import ROOT, make_shards, sample_data_dir, synthetic_documents, write_shard
 from naive_packing import naive_batches
 
 # ---------------------------------------------------------------------------
@@ -33,11 +36,11 @@ def test_training_text_order_and_caps(tmp_path):
 
 
 def test_training_text_names_a_row_that_is_not_text(tmp_path):
-    """A shard cached by an older version, before rows were checked: one line naming it and the row."""
+    """A shard put into the cache by hand, its rows never checked: one line naming it and the row."""
     folder = tmp_path / "data"
     folder.mkdir()
     write_shard(str(folder / "shard_00000.parquet"), ["a", "b", "c", None, "e"], row_group_size=2)
-    with pytest.raises(SystemExit, match=r"shard_00000\.parquet row 3 holds None, not text: delete it"):
+    with pytest.raises(prepare.NotReady, match=r"shard_00000\.parquet: row 3 holds None, not text: delete it"):
         list(prepare.tokenizer_training_text(prepare.list_shards("train", str(folder))))
 
 
@@ -84,16 +87,16 @@ def test_tokenizer_refuses_without_shards(tmp_path):
     data = tmp_path / "data"
     make_shards(str(data), n_train=1, docs_per_shard=50, val_docs=20)
     os.remove(data / prepare.shard_name(prepare.VAL_SHARD))
-    with pytest.raises(SystemExit, match="No validation shard"):
+    with pytest.raises(prepare.NotReady, match="No validation shard"):
         prepare.train_tokenizer(str(data), str(tmp_path / "tok"))
     make_shards(str(tmp_path / "d2"), n_train=0, val_docs=20)
-    with pytest.raises(SystemExit, match="No training shard"):
+    with pytest.raises(prepare.NotReady, match="No training shard"):
         prepare.train_tokenizer(str(tmp_path / "d2"), str(tmp_path / "tok"))
     assert not (tmp_path / "tok").exists()  # nothing half-written
 
 
 def test_missing_tokenizer_is_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(prepare.NotReady) as e:
         prepare.Tokenizer.from_directory(str(tmp_path / "nothing"))
     assert "run `uv run prepare.py` first" in str(e.value) and "\n" not in str(e.value)
 
@@ -157,10 +160,10 @@ def test_cached_and_uncached_tokens_are_identical(packing_data, use_cache):
 def test_no_training_data_is_a_clear_error_not_an_endless_loop(tmp_path, use_cache):
     tok = prepare.Tokenizer.from_directory()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="No training shard"):
+    with pytest.raises(prepare.NotReady, match="No training shard"):
         next(prepare.make_dataloader(tok, 2, 32, "train", data_dir=str(tmp_path / "empty")))
     write_shard(str(tmp_path / "empty" / "shard_00000.parquet"), [])
-    with pytest.raises(SystemExit, match="No documents in"):
+    with pytest.raises(prepare.NotReady, match="No documents in"):
         next(prepare.make_dataloader(tok, 2, 32, "train", data_dir=str(tmp_path / "empty")))
 
 
@@ -215,11 +218,11 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
     B = 2
     T, eval_tokens = prepare.eval_settings(torch.device("cpu"))
     assert T == prepare.SMALL_SEQ_LEN and eval_tokens == 5000
-    steps = eval_tokens // (B * T)
+    rows = eval_tokens // T  # 9: four batches of two, and a fifth whose second row is left out
     # by hand: the same val rows from the naive reading, byte counts straight from the vocabulary
-    naive = naive_batches(tok, prepare.list_shards("val"), B, T, 1000)
-    targets = [t for _ in range(steps) for row in next(naive)[0] for t in row[1:]]
-    assert len(targets) == steps * B * T
+    naive = naive_batches(tok, prepare.list_shards("val"), 1, T, 1000)
+    targets = [t for _ in range(rows) for t in next(naive)[0][0][1:]]
+    assert len(targets) == rows * T
     nbytes = [len(tok.enc.decode_single_token_bytes(t)) if t < 8188 else 0 for t in targets]
     assert 0 in nbytes  # BOS targets are there and must be left out
     exact = sum((t % 7) / 4 for t, b in zip(targets, nbytes) if b > 0) / (math.log(2) * sum(nbytes))
@@ -228,6 +231,49 @@ def test_evaluate_bpb_matches_hand_computation(use_cache, monkeypatch):
     got = prepare.evaluate_bpb(KnownLoss(8192), tok, B)
     assert got == pytest.approx(uniform, rel=1e-6)  # float32 cross-entropy of ln 8192
     assert prepare.evaluate_bpb(KnownLoss(8192), tok, B) == got  # deterministic
+
+
+class PairLoss(nn.Module):
+    """A small deterministic model: each token's loss is softplus(a[input] - b[target]), float64 weights
+    from a seeded generator. It records the shape of every batch it is called with."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (nn.Parameter(torch.rand(vocab, generator=g, dtype=torch.float64)) for _ in range(2))
+        self.shapes = []
+
+    def forward(self, x, y, reduction="mean"):
+        self.shapes.append(tuple(x.shape))
+        return F.softplus(self.a[x] - self.b[y]).reshape(-1)
+
+
+def test_evaluation_is_the_same_rows_whatever_the_batch_size(use_cache, monkeypatch):
+    """The CPU settings: 65,536 tokens = 128 rows of 512. Batches of 128, 48 (the last one 32 rows used)
+    and 7 (the last one 2 used), and 200 (one batch, 128 used) all evaluate exactly those rows, in full
+    batches only (a compiled model never sees another shape), and agree with a float64 sum over the same
+    rows computed here: the naive packing, numpy's softplus, byte counts straight from the vocabulary."""
+    monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS", raising=False)
+    tok = prepare.Tokenizer.from_directory()
+    T, eval_tokens = prepare.eval_settings(torch.device("cpu"))
+    assert (T, eval_tokens) == (512, 65_536)
+    model = PairLoss(tok.get_vocab_size())
+    a, b = model.a.detach().numpy(), model.b.detach().numpy()
+    rows = next(naive_batches(tok, prepare.list_shards("val"), 128, T, 1000))[0]
+    nats, nbytes = [], 0
+    for row in rows:
+        for x, y in zip(row[:-1], row[1:]):
+            width = len(tok.enc.decode_single_token_bytes(y)) if y < 8188 else 0
+            if width:
+                nats.append(np.logaddexp(0.0, a[x] - b[y]))
+            nbytes += width
+    exact = math.fsum(nats) / (math.log(2) * nbytes)
+    for batch_size in (128, 48, 7, 200):
+        model.shapes.clear()
+        assert prepare.evaluate_bpb(model, tok, batch_size) == pytest.approx(exact, rel=1e-12), batch_size
+        assert model.shapes == [(batch_size, T)] * -(-128 // batch_size)
+    # the GPU settings: 20,971,520 tokens are 80 full batches of 128 rows of 2048, as before padding
+    assert prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN == 80 * 128
 
 
 def test_a_long_evaluation_shows_progress(use_cache, monkeypatch, capsys):
@@ -249,9 +295,20 @@ def test_a_long_evaluation_shows_progress(use_cache, monkeypatch, capsys):
 def test_peak_flops_table():
     assert prepare.peak_flops_of("NVIDIA H100 80GB HBM3") == 989.5e12
     assert prepare.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert prepare.peak_flops_of("NVIDIA GH200 480GB") == prepare.peak_flops_of("NVIDIA H200") == 989.5e12
     assert prepare.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert prepare.peak_flops_of("Some Future GPU") is None
     assert prepare.peak_flops(torch.device("cpu")) is None
+
+
+def test_peak_memory_on_the_cpu_is_the_process_peak():
+    """results.tsv reads a memory of 0.0 as a crash: a CPU run reports its peak resident memory. An array
+    larger than the peak so far, written through, sets a new one: at least its size, at most the two."""
+    code = ("import numpy, torch, prepare; cpu = torch.device('cpu'); before = prepare.peak_memory_mb(cpu); "
+            "array = numpy.ones(int(before + 256) * 2**17); print(before, prepare.peak_memory_mb(cpu))")  # MiB
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    before, after = map(float, result.stdout.split())
+    assert before > 50 and before + 256 <= after <= 2 * before + 300, (before, after)
 
 
 def test_run_settings_report_every_override(monkeypatch):

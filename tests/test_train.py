@@ -425,7 +425,7 @@ def test_end_to_end_run_prints_exact_summary(tiny_cache, tmp_path):
         assert line.startswith(f"{key}:".ljust(18)) and value.strip() == value[18 - len(key) - 1 :]
     values = {line.split(":")[0]: line[18:] for line in block}
     assert re.fullmatch(r"\d+\.\d{6}", values["val_bpb"])
-    assert values["mfu_percent"] == "n/a" and values["peak_vram_mb"] == "0.0" and values["depth"] == "1"
+    assert values["mfu_percent"] == "n/a" and float(values["peak_vram_mb"]) > 0 and values["depth"] == "1"
     steps = int(values["num_steps"])
     assert steps > 1 and float(values["total_tokens_M"]) == pytest.approx(round(steps * 1024 / 1e6, 1))
     assert float(values["training_seconds"]) >= 2.0
