@@ -108,8 +108,7 @@ def test_relative_error_takes_the_worst_pair_and_fails_on_nan():
     assert prepare.relative_error([ref[0] * 1.01, ref[1] * 1.03], ref) == pytest.approx(0.03, rel=1e-5)
     err = prepare.relative_error([ref[0] * float("nan"), ref[1]], ref)
     assert not err < 1  # NaN: never within any tolerance
-    assert prepare.first_line(RuntimeError("first line
-more")) == "first line"
+    assert prepare.first_line(RuntimeError("first line\nmore")) == "first line"
     assert prepare.first_line(MemoryError()) == "MemoryError"
 
 
