@@ -41,8 +41,8 @@ MAX_SEQ_LEN = 2048  # context length; also the evaluation length
 TIME_BUDGET = 300  # seconds of timed training
 EVAL_TOKENS = 40 * 524288  # validation tokens per evaluation
 VOCAB_SIZE = 8192  # including the special tokens
-# without CUDA the figures above would make one experiment take hours: shorter rows, a smaller
-SMALL_SEQ_LEN, SMALL_EVAL_TOKENS = 512, 2**16  # evaluation (such a val_bpb is NOT comparable with a GPU's)
+# without CUDA the figures above would make one experiment take hours: shorter rows, a smaller evaluation
+SMALL_SEQ_LEN, SMALL_EVAL_TOKENS = 512, 2**16  # such a val_bpb is NOT comparable with a GPU's
 
 DATASET = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542  # shards are shard_00000 ... shard_06542
@@ -57,19 +57,17 @@ SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}|
 TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text the tokenizer sees
 TOKENIZER_DOC_CAP = 10_000  # each document is cut to its first 10,000 characters
 DOCS_PER_READ = 128  # a row group is read in batches of this many documents
-# the split pattern gives up (a panic in tiktoken) only on runs of ~1M characters, such as spaces, so
-SPLIT_CHECK_CHARS = 100_000  # documents this long are split once before a shard is kept; shorter ones are safe
+SPLIT_CHECK_CHARS = 100_000  # documents this long are split once before a shard is kept (tiktoken panics at ~1M)
 
 # Downloads: a server that does not answer, or trickles, is given up on within minutes
 DOWNLOAD_ATTEMPTS = 3  # per shard, where another attempt can help
 BACKOFF_SECONDS = 2.0  # the wait before the second attempt, doubled before each next one
 CONNECT_SECONDS = 10  # no connection by then: the host is unreachable
 READ_SECONDS = 10  # a read with no byte by then fails the attempt (Hugging Face's own client waits as long)
-PROGRESS_WINDOW_SECONDS = 30  # every window this long must bring PROGRESS_FLOOR_BYTES, else the attempt
-PROGRESS_FLOOR_BYTES = 2**19  # is given up on: 512 KiB in 30 s, about 1 MB a minute
+PROGRESS_WINDOW_SECONDS = 30  # each window this long must bring PROGRESS_FLOOR_BYTES, else the attempt ends
+PROGRESS_FLOOR_BYTES = 2**19  # 512 KiB in 30 s: about 1 MB a minute
 NAME_LOOKUP_SECONDS = 15  # a host name that does not resolve by then is unreachable
-# another host's temporary file (a cache on NFS) is judged by its age, not its pid; a run in progress
-STALE_TEMP_SECONDS = 6 * 3600  # writes its file at least every few minutes: one untouched this long is dead
+STALE_TEMP_SECONDS = 6 * 3600  # another host's temporary file untouched this long is dead (its pid means nothing here)
 
 # dense bf16 tensor-core FLOP/s by a part of the device name; longer names first ("H100" alone is the SXM)
 PEAK_BF16_FLOPS = [("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12),
