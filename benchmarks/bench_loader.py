@@ -1,4 +1,5 @@
-"""Packed tokens per second of prepare.make_dataloader against the naive spec reading.
+"""Packed tokens per second of prepare.make_dataloader against a naive reading of its packing
+(tests/naive_packing.py).
 
     uv run benchmarks/bench_loader.py [--batches 20] [--data DIR]
 
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import prepare  # noqa: E402
 from naive_packing import naive_batches  # noqa: E402
 

@@ -1,7 +1,8 @@
-"""train.py's mathematics against independent expectations: float64 re-derivations of SPEC.md's
-formulas written out here, published identities, and torch.optim.AdamW. Never against train.py's
-own output. The schedules as the training loop applies them, and gradient accumulation, are
-checked on real runs of the script in test_train_run.py."""
+"""train.py's mathematics against independent expectations: float64 re-derivations of the published
+formulas (Muon with Polar Express and NorMuon, cautious weight decay) written out here, published
+identities, and torch.optim.AdamW. Never against train.py's own output. The schedules as the training
+loop applies them, and gradient accumulation, are checked on real runs of the script in
+test_train_run.py."""
 
 import pytest
 import torch
@@ -39,10 +40,10 @@ def recording(attention, calls):
 
 
 # ---------------------------------------------------------------------------
-# Muon, re-derived in float64 from SPEC.md section 3.2
+# Muon, re-derived in float64 from the formulas as published
 
-# (a, b, c) of the five Polar Express steps, as SPEC.md writes them
-SPEC_POLAR_EXPRESS = [
+# (a, b, c) of the five Polar Express steps, as published
+PUBLISHED_POLAR_EXPRESS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -58,7 +59,7 @@ def polar_express_f64(g):
     g = g.double()
     U, s, Vh = torch.linalg.svd(g, full_matrices=False)
     s = s / (g.norm(dim=(-2, -1)) * 1.02 + 1e-6)[..., None]
-    for a, b, c in SPEC_POLAR_EXPRESS:
+    for a, b, c in PUBLISHED_POLAR_EXPRESS:
         s = a * s + b * s**3 + c * s**5
     return U @ torch.diag_embed(s) @ Vh
 

@@ -103,7 +103,7 @@ def clocked(tiny_cache, tmp_path_factory):
 
 
 def test_schedules_reach_the_optimizer_groups_every_step(clocked):
-    """SPEC 3.3, written here as interpolation tables: the lr multiplier rises linearly over
+    """The schedules, written here as interpolation tables: the lr multiplier rises linearly over
     WARMUP_RATIO, stays at 1, and falls linearly over the last WARMDOWN_RATIO to FINAL_LR_FRAC;
     Muon's momentum goes 0.85 -> 0.95 over 300 steps; its weight decay is WEIGHT_DECAY*(1-progress).
     Progress is timed seconds over the budget: step 0 is untimed, so step s has seen s-1 steps."""
@@ -137,8 +137,8 @@ def test_every_step_trains_its_tokens_in_micro_batches(clocked):
     assert values["total_tokens_M"] == f"{STEPS * TOKENS_PER_STEP / 1e6:.1f}"
 
 
-def spec_flops_per_token(width=128, heads=1, vocab=8192, seq=SEQ_LEN):
-    """SPEC 3.1 by hand for one layer: 6 x (lm_head, q k v proj, MLP, value-embedding gate)
+def expected_flops_per_token(width=128, heads=1, vocab=8192, seq=SEQ_LEN):
+    """FLOPs per token by hand for one layer: 6 x (lm_head, q k v proj, MLP, value-embedding gate)
     + 12 x heads x head_dim x window (the only layer is the last: full context)."""
     params = vocab * width + 4 * width * width + 2 * width * 4 * width + 32 * heads
     return 6 * params + 12 * heads * (width // heads) * seq
@@ -148,7 +148,7 @@ def test_mfu_is_model_flops_over_time_and_peak(clocked):
     """mfu_percent = flops/token x tokens of the timed steps / timed seconds / peak; the status line
     shows each step's own: flops/token x tokens/s / peak."""
     _, result, values = clocked
-    flops = spec_flops_per_token()
+    flops = expected_flops_per_token()
     assert f"{flops / 1e6:.0f} MFLOP/token" in result.stdout
     assert values["mfu_percent"] == f"{100 * flops * TOKENS_PER_STEP * (STEPS - 1) / 1.0 / FAKE_PEAK:.2f}"
     per_step = f"{100 * flops * TOKENS_PER_STEP / STEP_SECONDS / FAKE_PEAK:.1f}%"

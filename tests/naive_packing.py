@@ -1,4 +1,6 @@
-"""A deliberately naive, line-by-line reading of the spec's packing algorithm (SPEC.md 2.4).
+"""A deliberately naive, line-by-line reading of the packing that prepare.pack_rows documents: rows of
+T+1 tokens filled left to right, each time with the longest buffered document that fits whole, else
+the first tokens of the shortest, the buffer refilled to buffer_size documents before each placement.
 
 It reads the parquet files itself and tokenizes every document on the fly, keeps the buffer as a
 plain list and scans it for every placement. The tests hold prepare.make_dataloader against it,
