@@ -71,35 +71,35 @@ def main():
         if r:
             runs.append((name, r))
     same = [r for name, r in runs if name == "repeat"]
-    if len(same) < 2:
-        sys.exit("fewer than two repeats finished: no spread to report")
-    bpb = [r["val_bpb"] for r in same]
-    sd = statistics.stdev(bpb)
-    print(f"\nrepeats (one seed, n={len(same)}): val_bpb mean {statistics.mean(bpb):.6f}, sd {sd:.6f}, "
-          f"range {max(bpb) - min(bpb):.6f}; steps {min(r['steps'] for r in same)}-{max(r['steps'] for r in same)}")
-    # step count: the loss slope per step near the end (first half of the last 40 steps against the second)
-    common = min(r["steps"] for r in same)
-    first = same[0]["losses"]
+    if len(same) >= 2:
+        bpb = [r["val_bpb"] for r in same]
+        steps = [r["steps"] for r in same]
+        print(f"\nrepeats (one seed, n={len(same)}): val_bpb mean {statistics.mean(bpb):.6f}, "
+              f"sd {statistics.stdev(bpb):.6f}, range {max(bpb) - min(bpb):.6f}; steps {min(steps)}-{max(steps)}")
+        step_count_part(same)
+        # nondeterminism: the same step of the same seed sees the same batches
+        common = min(r["steps"] for r in same)
+        for s in [10, 50, common - 1]:
+            values = [r["losses"].get(s) for r in same]
+            if None not in values:
+                spread = max(values) - min(values)
+                print(f"nondeterminism: smoothed loss at step {s}: spread {spread:.4f} nats over {len(values)} runs")
+    per_seed = [r["val_bpb"] for r in same[:1]] + [r["val_bpb"] for name, r in runs if name != "repeat"]
+    if len(per_seed) >= 2:
+        print(f"seeds (n={len(per_seed)}, one run each): val_bpb sd {statistics.stdev(per_seed):.6f}")
+
+
+def step_count_part(same):
+    """The part of the repeats' spread that their different step counts explain, to first order: the
+    smoothed training loss's slope over the last steps times the sd of the step counts."""
+    first, common = same[0]["losses"], min(r["steps"] for r in same)
     lo, hi = max(11, common - 41), common - 1
     if hi - lo >= 10 and lo in first and hi in first:
-        slope = (first[hi] - first[lo]) / (hi - lo)  # nats per step of the smoothed training loss
+        slope = (first[hi] - first[lo]) / (hi - lo)  # nats per step
         step_sd = statistics.stdev([r["steps"] for r in same])
         per_nat = same[0]["val_bpb"] / first[hi]  # val_bpb is the loss in nats over a constant (ln 2 x bytes a token)
         print(f"step count: sd {step_sd:.2f} steps x loss slope {slope:.2e} nats/step "
-              f"= {abs(slope) * step_sd * per_nat:.6f} val_bpb (first-order estimate)")
-    # nondeterminism: the same step of the same seed
-    for s in [10, 50, common - 1]:
-        values = [r["losses"].get(s) for r in same]
-        if None not in values:
-            spread = max(values) - min(values)
-            print(f"nondeterminism: smoothed loss at step {s}: spread {spread:.4f} nats over {len(values)} runs")
-    others = [r["val_bpb"] for name, r in runs if name != "repeat"]
-    if others:
-        every = bpb[:1] + others  # one run per seed
-        if len(every) > 1:
-            print(f"seeds (n={len(every)}, one run each): val_bpb sd {statistics.stdev(every):.6f}")
-        print(f"all runs (n={len(runs)}): val_bpb sd {statistics.stdev(bpb + others):.6f}")
-
+              f"= {abs(slope) * step_sd * per_nat:.6f} val_bpb")
 
 if __name__ == "__main__":
     main()
