@@ -1,11 +1,17 @@
-"""benchmarks/keep_rules.py, the simulation that compares keep rules: the properties its comparison
-rests on, on small draws."""
+"""benchmarks/keep_rules.py, the simulation that chose program.md's keep rule: the properties its
+comparison rests on, on small draws, and program.md's rule as its winner at the measured noise."""
+
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import keep_rules
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = {rule["name"]: rule for rule in keep_rules.RULES}
 
 
@@ -64,3 +70,17 @@ def test_re_runs_cost_their_run():
     assert (plain["runs"] == 40).all() and (confirm["runs"] <= 40).all()
     assert confirm["keeps"].sum() < plain["keeps"].sum()
 
+
+def test_program_md_rule_wins_at_the_measured_noise():
+    """The rule program.md gives (keep anything below BEST, re-run the tip after its number of runs
+    without a keep) is the one the table picks at the sigma benchmarks/README.md gives."""
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    program = re.sub(r"\s+", " ", open(os.path.join(ROOT, "program.md")).read())
+    sigma = re.search(r"\*\*σ = ([0-9.]+)\*\*", readme).group(1)
+    misses = int(re.search(r"after (\d+) runs without a keep", program).group(1))
+    assert re.search(r"^\s*keep\s+if val_bpb < BEST$", open(os.path.join(ROOT, "program.md")).read(), re.M)
+    (name,) = [r["name"] for r in keep_rules.RULES if r.get("remeasure") == misses and r["margin"] == 0]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "keep_rules.py"), "--sigma", sigma],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == f"most gain at sigma {float(sigma):g}: {name}", out
+    assert len(re.findall(r"^\S.*\s+-?\d+\.\d\d\s+\d+\.\d\d", out, re.M)) == len(keep_rules.RULES)
