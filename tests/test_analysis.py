@@ -1,11 +1,14 @@
 """Execute analysis.ipynb with a real Jupyter kernel on well-formed and damaged results.tsv files,
-and run the README's headless command on a copy of the notebook."""
+in the original five-column format and in program.md's eight, and run the README's headless
+command on a copy of the notebook. The expected summaries come from program.md's definitions,
+written out here once (test_loop.py checks its commands against the same ones)."""
 
 import json
 import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,14 +22,16 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "analysis.ipynb"
-HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "num_steps", "mfu_percent", "branch"]
+HEADER = "\t".join(COLUMNS[:5])  # the original format
+HEADER8 = "\t".join(COLUMNS)  # program.md's
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
 class Case:
     text: str  # the file as written
-    rows: list  # the rows the notebook can read: (commit, val_bpb, memory_gb, status, description) as written
+    rows: list  # the rows the notebook can read, as written: (commit, val_bpb, memory_gb, status, description, ...)
     problems: list  # one (start of the problem line, phrase in it) per problem planted in the file
 
 
@@ -41,12 +46,14 @@ MIXED = [
     ("c3d4e5f", "1.004100", "44.0", "Discard", "switch ReLU^2 to GeLU"),
     ("d4e5f6a", "0.000000", "0.0", "CRASH", "double model width (OOM)"),
     ("e5f6a7b", "0.995000", " 44.1", "discard ", "weight decay 0.2"),
-    ("f6a7b8c", "0.986400", "44.9 ", "Keep", "longer warmup plus a cosine schedule that ends at 10% of the peak learning rate"),
+    ("f6a7b8c", "0.986400", "44.9 ", "Keep",
+     "longer warmup plus a cosine schedule that ends at 10% of the peak learning rate"),
     ("0a1b2c3", "0.984100", "45.3", "keep", "add value embeddings"),
     ("9f8e7d6", "0.990000", "45.0", " discard", "try 12 layers"),
 ]
 BASELINE_ONLY = [("a1b2c3d", "0.997900", "44.0", "keep", "baseline")]
-ALL_CRASH = [("a1b2c3d", "0.000000", "0.0", "crash", "baseline (broken env)"), ("b2c3d4e", "0.000000", "0.0", " Crash ", "retry")]
+ALL_CRASH = [("a1b2c3d", "0.000000", "0.0", "crash", "baseline (broken env)"),
+             ("b2c3d4e", "0.000000", "0.0", " Crash ", "retry")]
 # one problem per line from line 3 on; lines 2 and 8 are clean
 DAMAGED = (HEADER + "\n"
            "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"
@@ -67,6 +74,32 @@ DAMAGED_ROWS = [
     ("1b2c3d4", "0.000000", "0.0", "crash", "double width (OOM)"),
 ]
 NO_MEMORY = [("a1b2c3d", "0.997900", "keep", "baseline"), ("b2c3d4e", "0.990000", "keep", "lower lr")]
+# two nights in the original format: the second night's baseline is no kept change of the first
+OLD_NIGHTS = [
+    ("a1b2c3d", "1.000000", "44.0", "keep", "baseline"),
+    ("a1b2c3d", "1.001000", "44.0", "discard", "baseline repeat (noise)"),
+    ("b2c3d4e", "0.995000", "44.0", "keep", "raise matrix LR"),
+    ("c3d4e5f", "0.000000", "0.0", "crash", "double width"),
+    ("b2c3d4e", "0.981000", "44.0", "keep", "baseline"),
+    ("d4e5f6a", "0.979000", "44.1", "keep", "warmdown 0.6"),
+]
+N1, N2 = "autoresearch/nov27", "autoresearch/nov28"
+# two nights in program.md's format: re-runs that move BEST, a slow run (left out), a crash, a night
+# starting from the last one's tip, a kept deletion a little worse than BEST
+NIGHTS = [
+    ("a1b2c3d", "0.997900", "44.0", "keep", "baseline", "953", "39.80", N1),
+    ("a1b2c3d", "0.998400", "44.0", "discard", "re-run", "951", "39.75", N1),
+    ("b2c3d4e", "0.993200", "44.2", "keep", "raise MATRIX_LR to 0.05", "955", "39.90", N1),
+    ("c3d4e5f", "1.006100", "44.0", "discard", "remove value embeddings (slow)", "702", "29.20", N1),
+    ("c3d4e5f", "0.995000", "44.0", "discard", "remove value embeddings", "961", "40.10", N1),
+    ("d4e5f6a", "0.000000", "0.0", "crash", "double model width (OOM)", "-", "-", N1),
+    ("e5f6a7b", "0.992100", "44.2", "keep", "longer warmdown", "950", "39.70", N1),
+    ("e5f6a7b", "0.993900", "44.2", "discard", "re-run", "952", "39.80", N1),
+    ("f6a7b8c", "0.993500", "43.0", "keep", "drop the logit soft cap (shorter)", "960", "40.00", N1),
+    ("f6a7b8c", "0.994000", "43.0", "keep", "baseline", "958", "40.00", N2),
+    ("f6a7b8c", "0.993000", "43.0", "discard", "re-run", "959", "40.00", N2),
+    ("0a1b2c3", "0.989000", "43.5", "keep", "add value embeddings back (mlp: plain)", "930", "37.00", N2),
+]
 
 CASES = {
     "mixed": Case(table(MIXED), MIXED, []),
@@ -84,31 +117,87 @@ CASES = {
     "header_without_memory": Case(table(NO_MEMORY, "commit\tval_bpb\tstatus\tdescription"),
                                   [(c, v, "", s, d) for c, v, s, d in NO_MEMORY],
                                   [("line 1:", "no memory_gb column")]),
+    "nights": Case(table(NIGHTS, HEADER8), NIGHTS, []),
+    # a file begun in the original format (two nights) and continued in program.md's: the new rows keep their columns
+    "old_then_new": Case(table(OLD_NIGHTS + NIGHTS[9:]), OLD_NIGHTS + NIGHTS[9:], []),
+    "damaged_new": Case(HEADER8 + "\n" + "\t".join(NIGHTS[0]) + "\n"
+                        + "\t".join(NIGHTS[2][:4] + ("raise\tMATRIX_LR",) + NIGHTS[2][5:]) + "\n"
+                        + "\t".join(NIGHTS[4][:5] + ("961 steps",) + NIGHTS[4][6:]) + "\n",
+                        [NIGHTS[0], NIGHTS[2][:4] + ("raise MATRIX_LR",) + NIGHTS[2][5:],
+                         NIGHTS[4][:5] + ("",) + NIGHTS[4][6:]],
+                        [("line 3:", "a tab inside the description"), ("line 4:", "num_steps '961 steps'")]),
 }
 
 
-def finished(row):
-    """program.md's meaning of a finished run: kept or discarded, with a finite val_bpb above 0."""
-    _, val, _, status, _ = row
+# ---------------------------------------------------------------------------
+# program.md's definitions, for rows as dicts of text (COLUMNS; missing columns empty)
+
+
+def as_dict(row):
+    return dict(zip(COLUMNS, tuple(x.strip() for x in row) + ("",) * (len(COLUMNS) - len(row))))
+
+
+def value(row):
     try:
-        v = float(val)
+        return float(row["val_bpb"])
     except ValueError:
-        return False
-    return status.strip().lower() in ("keep", "discard") and math.isfinite(v) and v > 0
+        return math.nan
 
 
-def expected_summary(rows):
-    """(baseline, best, gains in file order) straight from the readable rows, or None if nothing finished."""
-    ok = [(float(v), s.strip().lower(), d) for c, v, _, s, d in rows if finished((c, v, _, s, d))]
-    if not ok:
-        return None
-    baseline = ok[0][0]
-    best, gains = baseline, []
-    for v, s, d in ok[1:]:
-        if s == "keep":
-            gains.append((best - v, d))
-            best = min(best, v)
-    return baseline, best, gains
+def steps(row):
+    return int(row["num_steps"]) if row.get("num_steps", "").isdigit() else None
+
+
+def done(row):
+    """A finished run: kept or discarded, with a finite val_bpb above 0 (a crash logs 0.000000)."""
+    return row["status"].strip().lower() in ("keep", "discard") and math.isfinite(value(row)) and value(row) > 0
+
+
+def by_night(rows):
+    """{night: its rows, in order}: a row's branch; rows without one start a new night at each
+    `baseline` row, named `night <k>` as program.md's step 3 names them."""
+    nights, k = {}, 0
+    for r in rows:
+        k += r["description"] == "baseline"
+        nights.setdefault(r.get("branch") or f"night {k}", []).append(r)
+    return nights
+
+
+def counted(rows):
+    """The indices of one night's rows that count: finished, and not slow (under 90% of the mean
+    num_steps of their commit's finished runs that night, where steps are known)."""
+    known = {}
+    for r in rows:
+        if done(r) and steps(r) is not None:
+            known.setdefault(r["commit"], []).append(steps(r))
+    return [i for i, r in enumerate(rows) if done(r)
+            and (steps(r) is None or steps(r) >= 0.9 * statistics.mean(known[r["commit"]]))]
+
+
+def expected_nights(rows):
+    """{night: (baseline runs, best runs, kept changes)}: the tip is the last kept commit; the
+    baseline is the night's first, the best its last (the val_bpb of their counted runs); each
+    later kept commit is a change, its gain the mean of the counted runs of the commit it replaced
+    minus its own val_bpb: [(gain, commit, val_bpb as written, description)]."""
+    out = {}
+    for night, runs in by_night(rows).items():
+        seen = {}
+        for i in counted(runs):
+            seen.setdefault(runs[i]["commit"], []).append(value(runs[i]))
+        keeps, kept = [], []
+        for r in runs:
+            if done(r) and r["status"].strip().lower() == "keep":
+                if keeps and r["commit"] != keeps[-1]:
+                    gain = statistics.mean(seen[keeps[-1]]) - value(r)
+                    kept.append((gain, r["commit"], r["val_bpb"], r["description"]))
+                keeps.append(r["commit"])
+        out[night] = (seen[keeps[0]], seen[keeps[-1]], kept) if keeps else (None, None, [])
+    return out
+
+
+def expected_kept(rows):
+    """Every change each night kept: (night, commit, val_bpb as written, gain, description)."""
+    return [(night, c, v, g, d) for night, (_, _, kept) in expected_nights(rows).items() for g, c, v, d in kept]
 
 
 @pytest.fixture(scope="module")
@@ -167,24 +256,43 @@ def test_one_line_per_problem(run):
 
 def test_plots_every_finished_run(run):
     case, _, stdout = run
-    n_finished = sum(finished(r) for r in case.rows)
+    n_finished = sum(done(as_dict(r)) for r in case.rows)
     n_crash = sum(r[3].strip().lower() == "crash" for r in case.rows)
     assert f"saved progress.png: {n_finished} finished runs, {n_crash} crashes" in stdout.splitlines()
 
 
+def night_blocks(stdout):
+    """{night: the lines the notebook printed for it}."""
+    blocks, name = {}, None
+    for line in stdout.splitlines():
+        m = re.match(r"(\S.*): \d+ runs \(keep", line)
+        name = m.group(1) if m else (name if line.startswith("  ") else None)
+        if name is not None:
+            blocks.setdefault(name, []).append(line)
+    return blocks
+
+
 def test_summary_lines(run):
+    """Each night on its own: its baseline and best as the mean of their commits' counted runs,
+    the improvement between them; no total across nights."""
     case, _, stdout = run
     lines = stdout.splitlines()
-    exp = expected_summary(case.rows)
-    if exp is None:
-        assert "no successful runs" in lines
-        assert not any(line.startswith(("baseline val_bpb:", "best val_bpb:")) for line in lines)
-        return
-    baseline, best, _ = exp
-    assert f"baseline val_bpb: {baseline:.6f}" in lines
-    assert f"best val_bpb: {best:.6f}" in lines
-    assert f"total improvement: {baseline - best:.6f} ({100 * (baseline - best) / baseline:.2f}%)" in lines
-    assert "no successful runs" not in lines
+    expected = expected_nights([as_dict(r) for r in case.rows])
+    blocks = night_blocks(stdout)
+    assert list(blocks) == list(expected)
+    for night, (base, best, _) in expected.items():
+        block = "\n".join(blocks[night])
+        if base is None:
+            assert "no baseline" in block and "val_bpb" not in block
+            continue
+        m = re.search(r"baseline val_bpb: (\S+) \((\d+) runs? of \w+\)\n  best val_bpb: (\S+) \((\d+) runs? of", block)
+        assert m, block
+        assert abs(float(m.group(1)) - statistics.mean(base)) < 1e-6 and int(m.group(2)) == len(base)
+        assert abs(float(m.group(3)) - statistics.mean(best)) < 1e-6 and int(m.group(4)) == len(best)
+        improvement = re.search(r"improvement: (\S+) ", block)
+        assert improvement and abs(float(improvement[1]) - (statistics.mean(base) - statistics.mean(best))) < 1e-6
+    assert ("no successful runs" in lines) == (not any(done(as_dict(r)) for r in case.rows))
+    assert not any("total improvement" in line for line in lines)
 
 
 def test_counts_and_ranking(run):
@@ -194,17 +302,16 @@ def test_counts_and_ranking(run):
     assert (f"keep: {statuses.count('keep')}  discard: {statuses.count('discard')}  "
             f"crash: {statuses.count('crash')}") in stdout
     # every kept commit is listed verbatim (a hash like 1234567 must not turn into a number)
-    for c, _, _, s, _ in case.rows:
-        if s.strip().lower() == "keep":
-            assert c in stdout
-    exp = expected_summary(case.rows)
-    if exp is None:
-        return
-    # kept changes appear largest gain first
-    ranked = stdout.split("kept changes ranked by gain", 1)[1]
-    order = [d for _, d in sorted(exp[2], key=lambda g: -g[0])]
-    positions = [ranked.index(d) for d in order]
-    assert positions == sorted(positions)
+    for r in map(as_dict, case.rows):
+        if done(r) and r["status"].lower() == "keep":
+            assert r["commit"] in stdout
+    # each night's kept changes, largest gain first, with their gains; never a baseline among them
+    blocks = night_blocks(stdout)
+    for night, (_, _, kept) in expected_nights([as_dict(r) for r in case.rows]).items():
+        ranked = [line.split(None, 3) for line in blocks[night] if line.startswith("    ")]
+        assert [(c, d) for _, _, c, d in ranked] == [(c, d) for _, c, _, d in sorted(kept, key=lambda k: -k[0])]
+        for (shown, _, _, _), (gain, _, _, _) in zip(ranked, sorted(kept, key=lambda k: -k[0])):
+            assert abs(float(shown) - gain) < 1e-6
 
 
 def test_readme_headless_command(tmp_path):
@@ -223,4 +330,5 @@ def test_readme_headless_command(tmp_path):
     assert (tmp_path / "progress.png").read_bytes().startswith(PNG_MAGIC)
     executed = nbformat.read(tmp_path / "progress.ipynb", as_version=4)  # the notebook with its printed summary
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
-    assert f"best val_bpb: {expected_summary(MIXED)[1]:.6f}" in text
+    (_, best, _), = expected_nights([as_dict(r) for r in MIXED]).values()
+    assert f"best val_bpb: {statistics.mean(best):.6f}" in text
