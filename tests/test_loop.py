@@ -382,7 +382,7 @@ def night(tmp_path_factory, tiny_cache, pytestconfig):
     # --- the baseline, twice; then BEST and NOISE from results.tsv
     base = agent.run("baseline")
     assert base.commit == setup_commit and base.val_bpb is not None, base.log[-3000:]
-    header = base.log.split("\rstep ")[0].splitlines()
+    header = re.split(r"^step ", base.log, flags=re.M)[0].splitlines()
     grep = agent.do("header_grep").splitlines()
     assert grep[0].startswith("device: ") and "| mlp: " in grep[0] and "| loss: " in grep[0], grep
     assert [line for line in header if line.startswith(("device:", "model:", "batch:", "NOTE:"))] == grep
@@ -511,7 +511,7 @@ def test_successful_logs_have_full_summary_block(night):
         assert all(line[17] == " " and line[18] != " " for line in tail), tail  # keys padded to 18 columns
         assert re.fullmatch(r"\d+\.\d{6}", tail[0][18:])
         assert re.fullmatch(r"\d+", tail[6][18:]) and tail[8][18:] == "1"  # the shrunk depth
-        header = run.log.split("\rstep ")[0]
+        header = re.split(r"^step ", run.log, flags=re.M)[0]
         assert "\n---\n" not in header
         assert header.startswith("device: ") and "NOTE: NON-DEFAULT TIME_BUDGET=2s (AUTORESEARCH_TIME_BUDGET)" in header
 
