@@ -4,9 +4,9 @@ Every command of program.md's ```bash blocks is given a role below (a command no
 a role no command matches, fails the test) and is run with bash in a throw-away git repository:
 one night on one GPU (setup, the baseline twice, a slip fixed by amending, a crash, a change that
 does not help, one that does), then both ways of using several GPUs, with two concurrent runs from
-two worktrees on one shared cache each. Decisions come from program.md's own rule block and its
-BEST / NOISE command, applied to the numbers its grep pulls out of run.log; the last test checks
-that every command ran.
+two worktrees on one shared cache each (the third way, on a Ray cluster, is test_cluster.py's).
+Decisions come from program.md's own rule block and its BEST / NOISE command, applied to the
+numbers its grep pulls out of run.log; the last test checks that every command ran.
 
 Test knobs: AUTORESEARCH_CACHE (a tiny synthetic cache), AUTORESEARCH_TIME_BUDGET=2 and
 AUTORESEARCH_EVAL_TOKENS=8192; the small-machine line of train.py is shrunk further in the setup
@@ -27,7 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "program.md"
-PROJECT_FILES = ["prepare.py", "train.py", "program.md", ".gitignore", "pyproject.toml", "uv.lock", "README.md", "analysis.ipynb"]
+PROJECT_FILES = ["prepare.py", "train.py", "program.md", ".gitignore", "pyproject.toml", "uv.lock", ".python-version",
+                 "README.md", "analysis.ipynb"]
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
@@ -88,7 +89,16 @@ ROLES = {
     "wave_row": r"printf .* \"\$\(git -C \.\./wave<i> rev-parse --short=7 HEAD\)\" VAL_BPB MEMORY_GB STATUS \"DESCRIPTION\" >> results\.tsv",
     "wave_numstat": r"git -C \.\./wave<i> diff --numstat HEAD~1 -- train\.py",
     "merge": r"git merge --ff-only <commit>",
+    # one agent, waves on a Ray cluster: played by test_cluster.py, in CI's cluster step
+    "cluster_check": r"uv run --only-group cluster ray list nodes .* \| awk .*GPUs.*",
+    "cluster_run": r"for i in <candidates>; do \(timeout \d+ uv run --only-group cluster ray job submit --working-dir "
+                   r"\.\./wave\$i --entrypoint-num-gpus 1 -- sh -c '[^']*' > \.\./wave\$i/run\.log 2>&1\) & done; wait",
+    "cluster_id": r"grep -om1 'raysubmit_\S*' \.\./wave<i>/run\.log",
+    "cluster_status": r"uv run --only-group cluster ray job status <id>",
+    "cluster_logs": r"uv run --only-group cluster ray job logs <id> \| tail -n 50",
+    "cluster_stop": r"uv run --only-group cluster ray job stop <id>",
 }
+CLUSTER_ROLES = {role for role in ROLES if role.startswith("cluster_")}
 RAN = set()  # the roles whose command has run; the last test wants all of them
 SCENARIOS = set()  # the scenarios below that started in this session
 
@@ -220,14 +230,18 @@ class Agent:
     program: dict
     runs: list = field(default_factory=list)
 
-    def command(self, role, **values):
-        """program.md's command for a role, placeholders filled in, ready for bash here."""
+    def fill(self, role, **values):
+        """program.md's command for a role, placeholders filled in."""
         text = self.program[role]
         for placeholder, value in values.items():
             text = text.replace(f"<{placeholder}>", value)
         assert not re.search(r"<[a-z][a-z -]*>", text), f"a placeholder left in {text!r}"
         RAN.add(role)
-        return hide_gpus(text).replace("uv run ", shlex.quote(sys.executable) + " ")
+        return text
+
+    def command(self, role, **values):
+        """The command, ready for bash here: this interpreter for `uv run`, no GPU."""
+        return hide_gpus(self.fill(role, **values)).replace("uv run ", shlex.quote(sys.executable) + " ")
 
     def sh(self, command, check=True):
         result = subprocess.run(["bash", "-c", command], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600)
@@ -619,7 +633,8 @@ def test_one_agent_runs_waves(tmp_path_factory, tiny_cache, pytestconfig):
 
 
 def test_every_program_command_ran():
-    """Last: the three scenarios above ran every command of program.md between them."""
+    """Last: the three scenarios above ran every command of program.md between them (test_cluster.py
+    checks the cluster's)."""
     if SCENARIOS != {"night", "per-gpu", "waves"}:
         pytest.skip(f"only {sorted(SCENARIOS)} of the three scenarios ran in this session")
-    assert set(ROLES) - RAN == set()
+    assert set(ROLES) - CLUSTER_ROLES - RAN == set()
