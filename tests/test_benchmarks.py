@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import bench_cluster  # noqa: E402
 import gpu_gaps  # noqa: E402
 import saved_activations  # noqa: E402
 
@@ -123,3 +124,11 @@ def test_every_result_file_is_cited_and_every_citation_exists():
     files = set(os.listdir(os.path.join(folder, "results")))
     cited = set(re.findall(r"\d{4}-\d{2}-\d{2}-[\w.-]+\.(?:log|txt)", text))
     assert sorted(files - cited) == [] and sorted(cited - files) == []
+
+
+def test_bench_cluster_times_program_md_submit_command():
+    """bench_cluster.py measures the command the agent runs: program.md's, for one worktree."""
+    command = bench_cluster.submit_command("/some/worktree")
+    assert command.startswith("timeout 1800 uv run --only-group cluster ray job submit --working-dir /some/worktree ")
+    assert command.endswith("timeout --foreground 600 uv run train.py'") and "wave" not in command
+
