@@ -16,6 +16,7 @@ import prepare
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import bench_cluster  # noqa: E402
 import gpu_gaps  # noqa: E402
 import saved_activations  # noqa: E402
 from train_source import edit_code, load_definitions  # noqa: E402
@@ -154,3 +155,11 @@ def test_changed_model_copies_apply_and_load(tmp_path):
         idx = torch.randint(0, 128, (2, 64))
         model(idx, idx).backward()
     assert "n_kv_head=1" in bench_changed.EDITS["one_kv_head"](source)
+
+
+def test_bench_cluster_times_program_md_submit_command():
+    """bench_cluster.py measures the command the agent runs: program.md's, for one worktree."""
+    command = bench_cluster.submit_command("/some/worktree")
+    assert command.startswith("timeout 1800 uv run --only-group cluster ray job submit --working-dir /some/worktree ")
+    assert command.endswith("timeout --foreground 600 uv run train.py'") and "wave" not in command
+

@@ -9,7 +9,8 @@ runs on a busy machine: the baseline's re-run and the first run of the helpful c
 core with three CPU-bound processes and make fewer steps, so the BEST command asks for another
 re-run and step 6 for running the change again. Then
 the README's morning commands and the notebook's summary of both nights, and both ways of using
-several GPUs, with two concurrent runs from two worktrees on one shared cache each. Decisions come
+several GPUs, with two concurrent runs from two worktrees on one shared cache each (the third
+way, on a Ray cluster, is test_cluster.py's). Decisions come
 from program.md's own rule block and BEST command, applied to the numbers its grep pulls out of
 run.log; the last test checks that every command ran.
 
@@ -36,8 +37,8 @@ from test_analysis import counted, expected_kept, expected_nights, steps, value
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "program.md"
-PROJECT_FILES = ["prepare.py", "train.py", "program.md", ".gitignore", "pyproject.toml", "uv.lock", "README.md",
-                 "analysis.ipynb"]
+PROJECT_FILES = ["prepare.py", "train.py", "program.md", ".gitignore", "pyproject.toml", "uv.lock", ".python-version",
+                 "README.md", "analysis.ipynb"]
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "num_steps", "mfu_percent", "branch"]
 HEADER = "\t".join(COLUMNS)
@@ -106,7 +107,16 @@ ROLES = {
     "wave_row": ROW.format(where=r"-C \.\./wave<i> ", log=r"\.\./wave<i>/run\.log"),
     "wave_numstat": r"git -C \.\./wave<i> diff --numstat HEAD~1 -- train\.py",
     "merge": r"git merge --ff-only <commit>",
+    # one agent, waves on a Ray cluster: played by test_cluster.py, in CI's cluster step
+    "cluster_check": r"uv run --only-group cluster ray list nodes .* \| awk .*GPUs.*",
+    "cluster_run": r"for i in <candidates>; do \(timeout \d+ uv run --only-group cluster ray job submit --working-dir "
+                   r"\.\./wave\$i --entrypoint-num-gpus 1 -- sh -c '[^']*' > \.\./wave\$i/run\.log 2>&1\) & done; wait",
+    "cluster_id": r"grep -om1 'raysubmit_\S*' \.\./wave<i>/run\.log",
+    "cluster_status": r"uv run --only-group cluster ray job status <id>",
+    "cluster_logs": r"uv run --only-group cluster ray job logs <id> \| tail -n 50",
+    "cluster_stop": r"uv run --only-group cluster ray job stop <id>",
 }
+CLUSTER_ROLES = {role for role in ROLES if role.startswith("cluster_")}
 RAN = set()  # the roles whose command has run; the last test wants all of them
 SCENARIOS = set()  # the scenarios below that started in this session
 
@@ -394,14 +404,18 @@ class Agent:
     program: dict
     runs: list = field(default_factory=list)  # every run logged, in the order of results.tsv
 
-    def command(self, role, **values):
-        """program.md's command for a role, placeholders filled in, ready for bash here."""
+    def fill(self, role, **values):
+        """program.md's command for a role, placeholders filled in."""
         text = self.program[role]
         for placeholder, filling in values.items():
             text = text.replace(f"<{placeholder}>", filling)
         assert not re.search(r"<[a-z][a-z -]*>", text), f"a placeholder left in {text!r}"
         RAN.add(role)
-        return hide_gpus(text).replace("uv run ", shlex.quote(sys.executable) + " ")
+        return text
+
+    def command(self, role, **values):
+        """The command, ready for bash here: this interpreter for `uv run`, no GPU."""
+        return hide_gpus(self.fill(role, **values)).replace("uv run ", shlex.quote(sys.executable) + " ")
 
     def sh(self, command, check=True, busy=False):
         """Run a command in bash here; busy: on a busy machine, one core shared with three CPU-bound
@@ -755,7 +769,8 @@ def test_logs_and_grep(night, second_night):
         tail = run.log.split("\n---\n")[-1].splitlines()
         assert [line[:18].rstrip().rstrip(":") for line in tail] == SUMMARY_KEYS, tail
         assert all(line[17] == " " and line[18] != " " for line in tail), tail  # keys padded to 18 columns
-        assert tail[8][18:] == "1"  # the shrunk depth
+        assert re.fullmatch(r"\d+\.\d{6}", tail[0][18:])
+        assert re.fullmatch(r"\d+", tail[6][18:]) and tail[8][18:] == "1"  # the shrunk depth
 
 
 def test_second_night_remembers_the_first(night, second_night):
@@ -945,7 +960,8 @@ def test_one_agent_runs_waves(tmp_path_factory, tiny_cache, pytestconfig):
 
 
 def test_every_program_command_ran():
-    """Last: the scenarios above ran every command of program.md between them."""
+    """Last: the scenarios above ran every command of program.md between them (test_cluster.py checks
+    the cluster's)."""
     if SCENARIOS != {"night", "second night", "per-gpu", "waves"}:
         pytest.skip(f"only {sorted(SCENARIOS)} of the four scenarios ran in this session")
-    assert set(ROLES) - RAN == set()
+    assert set(ROLES) - CLUSTER_ROLES - RAN == set()
