@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-import keep_rules
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import keep_rules  # noqa: E402
 RULES = {rule["name"]: rule for rule in keep_rules.RULES}
 
 
