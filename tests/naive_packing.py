@@ -21,8 +21,8 @@ def naive_rows(tokenizer, paths, T, buffer_size):
                 for rg in range(pf.num_row_groups):
                     texts = pf.read_row_group(rg).column("text").to_pylist()
                     for start in range(0, len(texts), 128):
-                        docs = [tokenizer.encode(t, prepend=tokenizer.get_bos_token_id()) for t in texts[start : start + 128]]
-                        yield docs, epoch
+                        bos = tokenizer.get_bos_token_id()
+                        yield [tokenizer.encode(t, prepend=bos) for t in texts[start : start + 128]], epoch
             epoch += 1
 
     source = document_batches()
