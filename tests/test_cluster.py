@@ -2,16 +2,19 @@
 machine (a head and a worker, one logical GPU each, started with `ray start` from the lock's
 `cluster` group, token authentication on), the agent's commands taken from program.md as
 test_loop.py takes them, and every candidate a Ray job that runs the real uv, prepare.py and
-train.py of its worktree on the CPU. One night: the cluster check, a submission without the token
-(refused), a baseline wave, a wave of three candidates on two GPUs (two at once, the third queued;
-one crashes), a wave whose worker node is killed mid-run, and a wave on the node that is left
-whose job hangs and is stopped.
+train.py of its worktree on the CPU. Rows are logged and decided as in test_loop.py's waves: step
+1's BEST command (each `RERUN` a wave of one that runs the tip again, logged `re-run`), step 6's
+`again` for every candidate and the rest of its rule for the wave's winner. One night: the cluster
+check, a submission without the token (refused), a baseline wave, a wave of three candidates on two
+GPUs (two at once, the third queued; one crashes), a wave whose worker node is killed mid-run, and
+a wave on the node that is left whose job hangs and is stopped.
 
 Marked `cluster` and deselected by default: CI runs it in its own step (`uv run --group cluster
-pytest -m cluster`, ~3 minutes on 2 cores). Test knobs, on the nodes: the tiny cache through
-AUTORESEARCH_CACHE, AUTORESEARCH_TIME_BUDGET=2, AUTORESEARCH_EVAL_TOKENS=8192, HOME in a scratch
-folder (the token in Ray's default file there, the jobs' uv environment beside it) with uv's own
-cache kept; on the agent's side a wave's `timeout` is shortened so that a failure cannot hang CI.
+pytest -m cluster`, ~3 to 5 minutes on 2 cores, by how many re-runs the BEST command asks for).
+Test knobs, on the nodes: the tiny cache through AUTORESEARCH_CACHE, AUTORESEARCH_TIME_BUDGET=2,
+AUTORESEARCH_EVAL_TOKENS=8192, HOME in a scratch folder (the token in Ray's default file there, the
+jobs' uv environment beside it) with uv's own cache kept; on the agent's side a wave's `timeout` is
+shortened so that a failure cannot hang CI.
 """
 
 import os
@@ -34,7 +37,8 @@ import test_loop as loop
 pytestmark = pytest.mark.cluster
 TAG = loop.TAG
 WAVE_TIMEOUT = "120"  # replaces program.md's `timeout 1800` of a wave: a tiny run takes ~20 s here
-SLOW = (loop.BETTER[1], loop.BETTER[1] + '; __import__("time").sleep(20)', "slow start (sleep 20 s)")
+# a sure discard (test_loop's worse idea of the second night) that sleeps first: still running when its node dies
+SLOW = (loop.WORSE[0], loop.WORSE[1] + '; __import__("time").sleep(20)', loop.WORSE[2] + ", sleeps 20 s first")
 HANG = (loop.BETTER[1], loop.BETTER[1] + '; __import__("time").sleep(500)', "hangs (sleep 500 s)")
 NARROW = ("self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd",
           "self.c_fc = nn.Linear(config.n_embd, 3 * config.n_embd", "narrower MLP (3x)")
@@ -132,15 +136,18 @@ class ClusterAgent(loop.Agent):
         assert re.fullmatch(r"raysubmit_\w+", out), out
         return out
 
-    def wave(self, ideas, cluster, timeout=WAVE_TIMEOUT):
-        """Resets the worktrees, commits one idea in each (none: the tip as it is), submits them all with
-        program.md's command and reads each run.log. Returns the runs, and the job states seen while it
-        ran: [{submission id: (status, node id)}]."""
-        for i, idea in enumerate(ideas):
-            self.do("wave_reset", i=str(i), tag=TAG)
-            if idea:
+    def wave(self, ideas, cluster, used=None, again=False, timeout=WAVE_TIMEOUT):
+        """In the worktrees used (0, 1, ... by default): resets each and commits its idea (none: the tip as it
+        is, a re-run), unless they run `again` as they are; submits them all with program.md's command and
+        reads each run.log. Returns the runs, and the job states seen while it ran: [{submission id: (status,
+        node id)}]."""
+        used = used or [str(i) for i in range(len(ideas))]
+        for i, idea in zip(used, ideas):
+            if not again:
+                self.do("wave_reset", i=i, tag=TAG)
+            if idea and not again:
                 self.edit(idea[0], idea[1], where=f"../wave{i}")
-                self.do("wave_commit", i=str(i), **{"short description": idea[2]})
+                self.do("wave_commit", i=i, **{"short description": idea[2]})
         before, seen, done = set(cluster.jobs()), [], threading.Event()
 
         def watch():
@@ -151,16 +158,63 @@ class ClusterAgent(loop.Agent):
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        command = self.command("cluster_run", candidates=" ".join(str(i) for i in range(len(ideas))))
+        command = self.command("cluster_run", candidates=" ".join(used))
         assert command.count("timeout 1800 ") == 1, command
         try:
             self.sh(command.replace("timeout 1800 ", f"timeout {timeout} "))
         finally:
             done.set()
             watcher.join(timeout=30)
-        runs = [self.read_result(idea[2] if idea else "", self.head(f"../wave{i}"), where=f"../wave{i}",
-                                 grep="wave_grep", tail=None) for i, idea in enumerate(ideas)]
+        runs = [self.read_result(idea[2] if idea else "re-run", self.head(f"../wave{i}"), where=f"../wave{i}",
+                                 grep="wave_grep", tail=None) for i, idea in zip(used, ideas)]
         return runs, seen
+
+    def log(self, run, status, i, description=None):
+        """program.md's row command for the candidate of worktree i."""
+        self.log_row(run, status, description, row="wave_row", i=str(i))
+
+    def step1(self, cluster):
+        """Loop step 1 between waves: the git state and the BEST command, until it gives numbers; each
+        `RERUN` runs the tip again, unchanged, in a wave of worktree 0 alone, logged `discard` `re-run`.
+        Returns the figures and the re-runs."""
+        reruns = []
+        for _ in range(5):
+            self.look()
+            figures = self.figures()  # checked against program.md's prose by test_loop's Agent
+            if figures != "RERUN":
+                return figures, reruns
+            (run,), _ = self.wave([None], cluster)
+            assert run.commit == self.head() and run.val_bpb is not None, run.log[-3000:]
+            self.log(run, "discard", 0)
+            reruns.append(run)
+        raise AssertionError(f"the BEST command still asks for re-runs after {len(reruns)}")
+
+    def judge(self, ideas, runs, figures, cluster):
+        """Step 6 for a wave, as test_loop's waves decide it: the `again` line for every candidate (logged
+        ` (slow)` and run again as it is in the next wave, where that run decides without the line), then
+        the rest of the rule for the one with the lowest val_bpb; every other candidate a `discard`, or a
+        `crash` by the rule. Logs every row (runs takes the runs that decided), then advances the branch to
+        a kept winner. Returns the winner (None if every candidate crashed) and its status."""
+        slow = [j for j, run in enumerate(runs) if loop.decide(run, figures) == "again"]
+        for j in slow:
+            self.log(runs[j], "discard", j, f"{runs[j].description} (slow)")
+        if slow:
+            rerun, _ = self.wave([ideas[j] for j in slow], cluster, used=[str(j) for j in slow], again=True)
+            for j, run in zip(slow, rerun):
+                assert run.commit == runs[j].commit
+                runs[j] = run
+        ran = [run for run in runs if run.val_bpb is not None]
+        winner = min(ran, key=lambda run: run.val_bpb) if ran else None
+        status = None
+        if winner:
+            numstat = self.do("wave_numstat", i=str(runs.index(winner)))
+            status = loop.decide(winner, figures, numstat, again=False)
+        for j, run in enumerate(runs):
+            other = "discard" if run.val_bpb is not None else loop.decide(run, figures)
+            self.log(run, status if run is winner else other, j)
+        if status == "keep":
+            self.do("merge", commit=winner.commit)
+        return winner, status
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +300,10 @@ def test_cluster_check_and_token(night):
 
 @pytest.fixture(scope="module")
 def waves(night):
-    """The baseline wave (two candidates), then a wave of three on two GPUs: a worse idea, a better one
-    and one that crashes. Returns both waves' runs, the job states seen while the second ran, its
-    winner, and the token cache after each wave ({file: mtime})."""
+    """The baseline wave (two worktrees, no edit, no commit), the re-runs the BEST command asks for,
+    then a wave of three on two GPUs: a worse idea, a better one and one that crashes. Returns the
+    baseline wave's runs, every later run, the job states seen while the wave of three ran, its runs
+    and winner, and the token cache after the baseline wave and after all of them ({file: mtime})."""
     agent, cluster = night
     tokens = Path(agent.env["AUTORESEARCH_CACHE"]) / "tokens"
 
@@ -260,44 +315,45 @@ def waves(night):
     assert base.commit == again.commit == agent.head() and base.val_bpb is not None, base.log[-3000:]
     assert again.val_bpb is not None, again.log[-3000:]
     assert len({node for status, node in seen[-1].values()}) == 2, seen[-1]  # one on each node, at once
-    base.description, again.description = "baseline", "baseline repeat (noise)"
-    agent.log_row(base, "keep", row="wave_row", memory="wave_memory", i="0")
-    agent.log_row(again, "discard", row="wave_row", memory="wave_memory", i="1")
-    best, noise = agent.best_noise()
+    agent.log(base, "keep", 0, "baseline")
+    agent.log(again, "discard", 1)  # `re-run`
+    figures, _ = agent.step1(cluster)
 
-    runs, seen = agent.wave([loop.WORSE, loop.BETTER, NARROW], cluster)
-    ran = [r for r in runs if r.val_bpb is not None]
-    winner = min(ran, key=lambda r: r.val_bpb)
-    status = loop.decide(winner.val_bpb, best, noise, agent.do("wave_numstat", i=str(runs.index(winner))))
-    for i, run in enumerate(runs):  # the others: discard, or crash by program.md's rule
-        other = "discard" if run.val_bpb is not None else loop.decide(None, best, noise)
-        agent.log_row(run, status if run is winner else other, row="wave_row", memory="wave_memory", i=str(i))
-    if status == "keep":
-        agent.do("merge", commit=winner.commit)
-    return [base, again], runs, seen, winner, [after_first, cached()]
+    ideas = [loop.WAVE_WORSE, loop.BETTER, NARROW]
+    runs, seen = agent.wave(ideas, cluster)
+    winner, _ = agent.judge(ideas, runs, figures, cluster)
+    return [base, again], agent.runs[2:], seen, runs, winner, [after_first, cached()]
 
 
 def test_wave_of_three_on_two_gpus(night, waves):
     """Two candidates ran at once on the two nodes while the third waited; every row holds the commit
-    that ran; the crash is a `crash` row, read through Ray's logs; the branch is at the winner."""
+    that ran, and the numbers of its run.log; the crash is a `crash` row, read through Ray's logs; the
+    winner alone was judged by step 6's rule, a keep; the branch is at the winner."""
     agent, cluster = night
-    _, runs, seen, winner, _ = waves
+    first, _, seen, runs, winner, _ = waves
     running = [sum(status == "RUNNING" for status, _ in states.values()) for states in seen]
     assert max(running) == 2, seen
     queued = [states for states in seen if sorted(s for s, _ in states.values()) == ["PENDING", "RUNNING", "RUNNING"]]
     assert queued, seen
     assert len({node for status, node in queued[0].values() if status == "RUNNING"}) == 2
 
-    assert [r.description for r in runs] == [loop.WORSE[2], loop.BETTER[2], NARROW[2]]
+    assert [r.description for r in runs] == [loop.WAVE_WORSE[2], loop.BETTER[2], NARROW[2]]
     assert winner is runs[1], [(r.val_bpb, r.status) for r in runs]
     assert [r.status for r in runs] == ["discard", "keep", "crash"], [(r.val_bpb, r.status) for r in runs]
-    rows = [r.split("\t") for r in loop.rows_of(agent.cwd)[1:]]
-    assert [(c, s, d) for c, _, _, s, d in rows] == [(r.commit[:7], r.status, r.description) for r in agent.runs]
-    assert [s for _, _, _, s, _ in rows] == ["keep", "discard", "discard", "keep", "crash"]
-    assert agent.sh(f"git log --format=%H autoresearch/{TAG}").split()[:1] == [winner.commit]
+    loop.check_rows(agent)  # eight columns, each row against the run.log it came from, with its commit
+    rows = loop.parse((agent.cwd / "results.tsv").read_text())
+    assert {r["branch"] for r in rows} == {f"autoresearch/{TAG}"}
+    assert [(r["status"], r["description"]) for r in rows[:2]] == [("keep", "baseline"), ("discard", "re-run")]
+    assert {r["commit"] for r in rows if r["description"] in ("baseline", "re-run")} == {first[0].commit[:7]}
+    # the re-runs the BEST command asked for, and runs step 6 sent `again`, aside:
+    verdicts = [(r["status"], r["description"]) for r in rows
+                if r["description"] != "re-run" and not r["description"].endswith(" (slow)")]
+    assert verdicts == [("keep", "baseline"), ("discard", loop.WAVE_WORSE[2]), ("keep", loop.BETTER[2]),
+                        ("crash", NARROW[2])]
+    assert agent.sh(f"git log --format=%H autoresearch/{TAG}").split() == [winner.commit, first[0].commit]
 
     crash = runs[2]
-    assert crash.grep_output == "" and "Traceback" in crash.log, crash.log[-3000:]
+    assert "val_bpb:" not in crash.grep_output and "Traceback" in crash.log, crash.log[-3000:]
     job = agent.job_id(2)
     assert cluster.jobs()[job]["status"] == "FAILED"
     assert "failed" in agent.do("cluster_status", id=job)
@@ -307,24 +363,28 @@ def test_wave_of_three_on_two_gpus(night, waves):
 
 def test_later_jobs_build_and_download_nothing(night, waves):
     """The first wave's jobs made the nodes' uv environment (in HOME, from uv's cache) and the token
-    cache; the second wave's jobs made neither again: no uv install, no token file written."""
+    cache; no later job made either again: no uv install, no token file written."""
     agent, _ = night
-    first, second, _, _, tokens = waves
+    first, later, _, _, _, tokens = waves
     venv = re.escape(agent.env["HOME"] + "/.cache/autoresearch-venv")
     built = rf"^Creating virtual environment at: {venv}\n.*^Installed \d+ pack"
     assert any(re.search(built, run.log, re.M | re.S) for run in first), first[0].log[-3000:]
     assert tokens[0] and tokens[1] == tokens[0]
-    for run in second:
+    assert len(later) >= 3
+    for run in later:
         assert "ready: `uv run train.py` can run" in run.log, run.log[-3000:]  # prepare.py --check found the data
         assert not re.search(r"^(Creating virtual environment|Installed \d+ package)", run.log, re.M), run.log
 
 
 def test_killed_worker_is_a_crash_and_the_next_wave_runs_on_the_head(night, waves):
-    """A wave of two slow candidates; the worker node is killed while one runs there: its job is FAILED
-    within a minute and logged as a `crash`, the other finishes on the head. The next wave, on the
-    head alone: its candidate hangs, outlives the wave's timeout, and is stopped with program.md's
-    command."""
+    """Step 1 at the new tip (with the re-runs it asks for), then a wave of two slow candidates; the
+    worker node is killed while one runs there: its job is FAILED within a minute and logged as a
+    `crash`, the other finishes on the head and is judged (a discard). The next wave, on the head
+    alone: its candidate hangs, outlives the wave's timeout, is logged as a `crash` and is stopped
+    with program.md's command."""
     agent, cluster = night
+    kept = waves[4]
+    figures, _ = agent.step1(cluster)
     head = next(node for node, is_head in cluster.alive_nodes().items() if is_head)
     before, result = set(cluster.jobs()), {}
     wave = threading.Thread(target=lambda: result.update(out=agent.wave([SLOW, SLOW], cluster)))
@@ -346,25 +406,28 @@ def test_killed_worker_is_a_crash_and_the_next_wave_runs_on_the_head(night, wave
     runs, _ = result["out"]
     dead = [i for i in range(2) if agent.job_id(i) == on_worker[0]]
     assert len(dead) == 1 and failed_after < 60
-    for i, run in enumerate(runs):
-        status = "crash" if run.val_bpb is None else "discard"
-        agent.log_row(run, status, row="wave_row", memory="wave_memory", i=str(i))
-        assert (status == "crash") == (i == dead[0]), run.log[-3000:]
     assert "node has died" in agent.do("cluster_status", id=on_worker[0])
     assert agent.do("cluster_check").strip() == "1 GPUs"
+    survivor = runs[1 - dead[0]]
+    assert runs[dead[0]].val_bpb is None and survivor.val_bpb is not None, survivor.log[-3000:]
+    winner, status = agent.judge([SLOW, SLOW], runs, figures, cluster)  # a wave sent `again` runs on the head
+    assert runs[dead[0]].status == "crash" and winner is runs[1 - dead[0]], runs
+    assert status == "discard", (winner.val_bpb, figures)
 
+    figures, _ = agent.step1(cluster)  # the tip is unchanged: numbers now, or re-runs on the head
     (hang,), _ = agent.wave([HANG], cluster, timeout="25")
     assert hang.val_bpb is None and hang.commit == agent.head("../wave0")
     job = agent.job_id(0)
     assert cluster.jobs()[job]["driver_node_id"] == head and "RUNNING" in agent.do("cluster_status", id=job)
     assert "Running entrypoint" in agent.do("cluster_logs", id=job)
-    agent.log_row(hang, "crash", row="wave_row", memory="wave_memory", i="0")
+    assert agent.judge([HANG], [hang], figures, cluster) == (None, None)  # logs it: a crash
     agent.do("cluster_stop", id=job)
     cluster.wait("the stopped job", lambda: cluster.jobs()[job]["status"] == "STOPPED", 30)
     assert "stopped" in agent.do("cluster_status", id=job)
-    rows = [r.split("\t") for r in loop.rows_of(agent.cwd)[1:]]
-    assert [(c, s, d) for c, _, _, s, d in rows] == [(r.commit[:7], r.status, r.description) for r in agent.runs]
-    assert [s for _, _, _, s, _ in rows[-3:]] == [runs[0].status, runs[1].status, "crash"]
+    loop.check_rows(agent)
+    rows = loop.parse((agent.cwd / "results.tsv").read_text())
+    assert [(r["commit"], r["status"], r["description"]) for r in rows[-1:]] == [(hang.commit[:7], "crash", HANG[2])]
+    assert agent.sh(f"git log -1 --format=%H autoresearch/{TAG}").strip() == kept.commit  # nothing kept since
 
 
 def test_every_cluster_command_ran():
