@@ -142,12 +142,7 @@ class ClusterAgent(loop.Agent):
         reads each run.log. Returns the runs, and the job states seen while it ran: [{submission id: (status,
         node id)}]."""
         used = used or [str(i) for i in range(len(ideas))]
-        for i, idea in zip(used, ideas):
-            if not again:
-                self.do("wave_reset", i=i, tag=TAG)
-            if idea and not again:
-                self.edit(idea[0], idea[1], where=f"../wave{i}")
-                self.do("wave_commit", i=i, **{"short description": idea[2]})
+        self.prepare_wave(ideas, used, again)
         before, seen, done = set(cluster.jobs()), [], threading.Event()
 
         def watch():

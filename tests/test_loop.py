@@ -461,6 +461,16 @@ class Agent:
         assert text.count(old) == 1, f"train.py no longer contains {old!r} exactly once"
         path.write_text(text.replace(old, new))
 
+    def prepare_wave(self, ideas, used, again=False):
+        """A wave's worktrees as program.md sets them: each reset to the branch's tip and its idea
+        committed (none: the tip as it is, a re-run), unless they run `again` as they are."""
+        for i, idea in zip(used, ideas):
+            if not again:
+                self.do("wave_reset", i=i, tag=TAG)
+            if idea and not again:
+                self.edit(idea[0], idea[1], where=f"../wave{i}")
+                self.do("wave_commit", i=i, **{"short description": idea[2]})
+
     def read_result(self, description, commit, where="", grep="grep", tail="tail"):
         """Loop steps 4-5: grep run.log (its header, checked after every run, and the result), and
         on no val_bpb read the tail."""
@@ -906,12 +916,7 @@ def test_one_agent_runs_waves(tmp_path_factory, tiny_cache, pytestconfig):
     def wave(ideas, used=gpus, again=False):
         """In the worktrees used: reset each and commit its idea (none for the tip), unless they
         run `again` as they are; run them all at once and read each result, in their order."""
-        for i, idea in zip(used, ideas):
-            if not again:
-                agent.do("wave_reset", i=i, tag=TAG)
-            if idea and not again:
-                agent.edit(idea[0], idea[1], where=f"../wave{i}")
-                agent.do("wave_commit", i=i, **{"short description": idea[2]})
+        agent.prepare_wave(ideas, used, again)
         agent.do("wave_run", gpus=" ".join(used))
         return [agent.read_result(idea[2] if idea else "re-run", agent.head(f"../wave{i}"), where=f"../wave{i}",
                                   grep="wave_grep", tail=None) for i, idea in zip(used, ideas)]
