@@ -26,13 +26,16 @@ BUILT = {"environment": r"^Installed \d+ package", "data": r"^prepare: done", "t
 
 
 def submit_command(workdir):
-    """program.md's wave command for one candidate, in `workdir`, its output to stdout."""
+    """program.md's wave command for one candidate, in `workdir`: its submission, word for word, then
+    the job's output followed to stdout (the wave itself reads it once the job has ended)."""
     with open(os.path.join(ROOT, "program.md")) as f:
-        lines = [line for line in f if "ray job submit" in line]
+        lines = [line for line in f if "ray job\"; $r submit" in line]
     assert len(lines) == 1, "program.md should have one `ray job submit` command"
-    m = re.search(r"\((timeout \d+ uv run .*? ray job submit .*?) > \.\./wave\$i/run\.log 2>&1\)", lines[0])
+    m = re.search(r'r="(uv run [^"]* ray job)"; (\$r submit .*?) > \.\./wave\$i/run\.log 2>&1 &&', lines[0])
     assert m, f"program.md's submit command changed shape: {lines[0]}"
-    return m.group(1).replace("../wave$i", workdir)
+    ray_job, submit = m.group(1), m.group(2).replace("$r ", m.group(1) + " ").replace("../wave$i", workdir)
+    return (f"out=$({submit} 2>&1); echo \"$out\"; id=$(echo \"$out\" | grep -om1 'raysubmit_[0-9A-Za-z]*') "
+            f"&& exec {ray_job} logs --follow $id")
 
 
 def timed_lines(command, marks, stop_at):
@@ -97,7 +100,7 @@ def main():
 
     local = [local_run(marks)]
     nodes, seconds = {}, []
-    job_marks = {"submitted": r"Job '\w+' submitted successfully", "entrypoint": r"^Running entrypoint for job",
+    job_marks = {"submitted": r"Job '\w+' submitted successfully", "entrypoint": r"Running entrypoint for job",
                  **marks}
     for k in range(1, args.jobs + 1):
         seen, lines, proc = timed_lines(submit_command(ROOT), job_marks, r"^step 0+ |Job '\w+' (failed|stopped)")

@@ -13,7 +13,7 @@ Marked `cluster` and deselected by default: CI runs it in its own step (`uv run 
 pytest -m cluster`, ~3 to 5 minutes on 2 cores, by how many re-runs the BEST command asks for).
 Test knobs, on the nodes: the tiny cache through AUTORESEARCH_CACHE, AUTORESEARCH_TIME_BUDGET=2,
 AUTORESEARCH_EVAL_TOKENS=8192, HOME in a scratch folder (the token in Ray's default file there, the
-jobs' uv environment beside it) with uv's own cache kept; on the agent's side a wave's `timeout` is
+jobs' uv environment beside it) with uv's own cache kept; on the agent's side the time a wave waits is
 shortened so that a failure cannot hang CI.
 """
 
@@ -36,7 +36,8 @@ import test_loop as loop
 
 pytestmark = pytest.mark.cluster
 TAG = loop.TAG
-WAVE_TIMEOUT = "120"  # replaces program.md's `timeout 1800` of a wave: a tiny run takes ~20 s here
+WAVE_TIMEOUT = "120"  # replaces the 1800 s that program.md's wave waits at most: a tiny run takes ~20 s here
+# and its `sleep 10` between two looks at a job's status becomes `sleep 3` (each look starts Ray's CLI: ~1 s of CPU)
 # a sure discard (test_loop's worse idea of the second night) that sleeps first: still running when its node dies
 SLOW = (loop.WORSE[0], loop.WORSE[1] + '; __import__("time").sleep(20)', loop.WORSE[2] + ", sleeps 20 s first")
 HANG = (loop.BETTER[1], loop.BETTER[1] + '; __import__("time").sleep(500)', "hangs (sleep 500 s)")
@@ -154,9 +155,9 @@ class ClusterAgent(loop.Agent):
         watcher = threading.Thread(target=watch)
         watcher.start()
         command = self.command("cluster_run", candidates=" ".join(used))
-        assert command.count("timeout 1800 ") == 1, command
+        assert command.count("SECONDS + 1800") == command.count("sleep 10;") == 1, command
         try:
-            self.sh(command.replace("timeout 1800 ", f"timeout {timeout} "))
+            self.sh(command.replace("SECONDS + 1800", f"SECONDS + {timeout}").replace("sleep 10;", "sleep 3;"))
         finally:
             done.set()
             watcher.join(timeout=30)
@@ -285,7 +286,7 @@ def test_cluster_check_and_token(night):
         check = subprocess.run(["bash", "-c", agent.command("cluster_check")], cwd=agent.cwd, env=env,
                                capture_output=True, text=True, timeout=120)
         assert check.stdout.strip() == "0 GPUs" and refusal in check.stderr, check
-        run = agent.command("cluster_run", candidates="0").replace("timeout 1800 ", f"timeout {WAVE_TIMEOUT} ")
+        run = agent.command("cluster_run", candidates="0").replace("SECONDS + 1800", f"SECONDS + {WAVE_TIMEOUT}")
         subprocess.run(["bash", "-c", run], cwd=agent.cwd, env=env, timeout=180)
         log = (agent.cwd / "../wave0/run.log").read_text()
         assert refusal in log and "raysubmit_" not in log and "val_bpb" not in log, log[-3000:]

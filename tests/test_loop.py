@@ -109,8 +109,10 @@ ROLES = {
     "merge": r"git merge --ff-only <commit>",
     # one agent, waves on a Ray cluster: played by test_cluster.py, in CI's cluster step
     "cluster_check": r"uv run --only-group cluster ray list nodes .* \| awk .*GPUs.*",
-    "cluster_run": r"for i in <candidates>; do \(timeout \d+ uv run --only-group cluster ray job submit --working-dir "
-                   r"\.\./wave\$i --entrypoint-num-gpus 1 -- sh -c '[^']*' > \.\./wave\$i/run\.log 2>&1\) & done; wait",
+    "cluster_run": r"for i in <candidates>; do \(r=\"uv run --only-group cluster ray job\"; \$r submit --no-wait "
+                   r"--working-dir \.\./wave\$i --entrypoint-num-gpus 1 -- sh -c '[^']*' > \.\./wave\$i/run\.log 2>&1 "
+                   r"&& id=.* && end=\$\(\(SECONDS \+ \d+\)\) && until \$r status \$id .*; do sleep \d+; done; "
+                   r"\[ -n \"\$id\" \] && \$r logs \$id >> \.\./wave\$i/run\.log 2>&1\) & done; wait",
     "cluster_id": r"grep -om1 'raysubmit_\S*' \.\./wave<i>/run\.log",
     "cluster_status": r"uv run --only-group cluster ray job status <id>",
     "cluster_logs": r"uv run --only-group cluster ray job logs <id> \| tail -n 50",
