@@ -160,7 +160,8 @@ def test_changed_model_copies_apply_and_load(tmp_path):
 def test_bench_cluster_times_program_md_submit_command():
     """bench_cluster.py measures the command the agent runs: program.md's, for one worktree."""
     command = bench_cluster.submit_command("/some/worktree")
-    assert command.startswith("out=$(uv run --only-group cluster ray job submit --no-wait --working-dir /some/worktree ")
+    submit = "out=$(uv run --only-group cluster ray job submit --no-wait --working-dir /some/worktree "
+    assert command.startswith(submit)
     assert "timeout --foreground 600 uv run train.py' 2>&1)" in command and "wave" not in command
     assert command.endswith("exec uv run --only-group cluster ray job logs --follow $id")
 
