@@ -103,7 +103,7 @@ def main():
     job_marks = {"submitted": r"Job '\w+' submitted successfully", "entrypoint": r"Running entrypoint for job",
                  **marks}
     for k in range(1, args.jobs + 1):
-        seen, lines, proc = timed_lines(submit_command(ROOT), job_marks, r"^step 0+ |Job '\w+' (failed|stopped)")
+        seen, lines, proc = timed_lines(submit_command(ROOT), job_marks, r"^step 0+ |Job '\w+' (failed|was stopped)")
         if "step 0" not in seen:
             sys.exit(f"job {k} ended before step 0:\n" + "\n".join(lines[-30:]))
         job = re.findall(r"Job '(\w+)' submitted", "\n".join(lines))
